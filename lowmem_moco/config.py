@@ -1,0 +1,280 @@
+"""Typed run configuration: YAML recipes layered over dataclass defaults, plus overrides.
+
+    cfg = load_config("recipes/demo.yaml", ["train.epochs=3", "model.arch=resnet50"])
+
+Every mistake (unknown key, wrong type, impossible combination) raises `ConfigError`
+with the key's dotted name and what to do instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+DATA_SOURCES = ("folder", "cifar10", "imagenette", "imagewoof", "synthetic")
+PRECISIONS = ("no", "fp16", "bf16")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass
+class DataConfig:
+    source: str = "folder"  # one of DATA_SOURCES
+    root: str = "data"  # folder source: an ImageFolder tree; others: download/cache folder
+    train_dir: Optional[str] = None  # folder source: training images (default: root/train or root)
+    val_dir: Optional[str] = None  # labelled images for the kNN monitor (default: carved from train)
+    val_fraction: float = 0.1  # share of the training images held out when val_dir is unset
+    image_size: int = 224
+    num_workers: int = -1  # -1: one per CPU core, at most 8
+    download: bool = True  # built-in sources: fetch the data when it is not in root yet
+    augment: str = "per_image"  # how the two MoCo v2 views are made
+    on_bad_image: str = "skip"  # skip | error: what an unreadable image file does
+    synthetic_size: int = 4000  # synthetic source: training images (validation adds 1/4)
+    synthetic_classes: int = 10
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"  # any timm model name
+    small_image_stem: bool = False  # ResNet-style: 3x3 stride-1 stem, no max-pool (32-px data)
+    head_hidden_dim: Optional[int] = None  # MLP head hidden width (default: backbone width)
+    dim: int = 128  # output (key/query) dimension
+
+
+@dataclass
+class MocoConfig:
+    queue_size: int = 65536  # K negatives
+    momentum: float = 0.999  # key-encoder EMA coefficient m
+    momentum_schedule: str = "constant"  # constant | cosine (m rises to 1 over training)
+    temperature: float = 0.2  # T of InfoNCE
+    key_chunks: int = 8  # key batch split for per-chunk BatchNorm (shuffle BN on one GPU)
+    symmetric: bool = False  # symmetric loss of the CIFAR-10 demo notebook
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 256  # effective batch: one optimizer step, one enqueue
+    micro_batch_size: Optional[int] = None  # images per forward/backward (default: batch_size)
+    epochs: int = 200
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (schedule unchanged)
+    optimizer: str = "sgd"  # sgd (momentum 0.9) | adamw
+    lr: float = 0.03
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0  # linear warm-up before the cosine decay
+    precision: str = "no"  # no | fp16 | bf16
+    grad_checkpointing: bool = False
+    channels_last: bool = False
+    seed: int = 0
+    checkpoint_every: int = 500  # optimizer steps between checkpoints (0: epoch ends only)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    log_every: int = 10  # optimizer steps between metric lines
+    max_nonfinite_steps: int = 20  # consecutive skipped (non-finite) steps before stopping
+
+
+@dataclass
+class EvalConfig:
+    knn_every: int = 1  # epochs between kNN evaluations (0: never)
+    knn_k: int = 200
+    knn_t: float = 0.1
+    knn_max_train: int = 10000  # feature-bank size cap, for speed on big data sets
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/moco"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def micro_batch(self) -> int:
+        return self.train.micro_batch_size or self.train.batch_size
+
+    @property
+    def accum_steps(self) -> int:
+        return self.train.batch_size // self.micro_batch
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def _all_keys(cls=Config, prefix="") -> list[str]:
+    keys = []
+    for name, hint in _hints(cls).items():
+        keys += _all_keys(hint, f"{prefix}{name}.") if dataclasses.is_dataclass(hint) else [prefix + name]
+    return keys
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, _all_keys(), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against the field's type; ints are accepted where floats are."""
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    if value is None and optional:
+        return None
+    ok = (
+        (base is bool and isinstance(value, bool))
+        or (base is int and isinstance(value, int) and not isinstance(value, bool))
+        or (base is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (base is str and isinstance(value, str))
+    )
+    if not ok:
+        expected = base.__name__ + (" or null" if optional else "")
+        raise ConfigError(f"{key} must be {expected}, got {value!r} ({where}); fix the value")
+    return float(value) if base is float else value
+
+
+def _apply(cfg: Any, key: str, value: Any, where: str) -> None:
+    node = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            raise ConfigError(f"unknown key {key!r} ({where}){_suggest(key)}")
+        hint = _hints(type(node))[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(hint):
+                raise ConfigError(f"{key!r} is a section; set one of its keys, e.g. {key}.<name>=... ({where})")
+            setattr(node, part, _coerce(key, value, hint, where))
+        else:
+            node = getattr(node, part)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(_flatten(v, name + "."))
+        else:
+            flat[name] = v
+    return flat
+
+
+def read_recipe(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}; give the path to a .yaml recipe (see recipes/)")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{line}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys (e.g. 'train: {{epochs: 10}}')")
+    return tree
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.epochs=10")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    if recipe is not None:
+        for key, value in _flatten(read_recipe(recipe)).items():
+            _apply(cfg, key, value, f"in {recipe}")
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply(cfg, key, value, "on the command line")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Rebuild a saved config (e.g. output_dir/config.yaml or a checkpoint's copy)."""
+    cfg = Config()
+    for key, value in _flatten(tree).items():
+        _apply(cfg, key, value, "in a saved config")
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _choice(key: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    d, m, mo, t = cfg.data, cfg.model, cfg.moco, cfg.train
+    _choice("data.source", d.source, DATA_SOURCES)
+    _choice("data.augment", d.augment, ("per_image",))
+    _choice("data.on_bad_image", d.on_bad_image, ("skip", "error"))
+    _choice("train.precision", t.precision, PRECISIONS)
+    _choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    _choice("moco.momentum_schedule", mo.momentum_schedule, ("constant", "cosine"))
+    positive = {
+        "data.image_size": d.image_size, "model.dim": m.dim, "moco.queue_size": mo.queue_size,
+        "moco.temperature": mo.temperature, "moco.key_chunks": mo.key_chunks,
+        "train.batch_size": t.batch_size, "train.epochs": t.epochs, "train.lr": t.lr,
+        "train.keep_checkpoints": t.keep_checkpoints, "train.log_every": t.log_every,
+        "data.synthetic_size": d.synthetic_size, "data.synthetic_classes": d.synthetic_classes,
+        "eval.knn_k": cfg.eval.knn_k, "eval.knn_t": cfg.eval.knn_t,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive; got {value}")
+    if not 0.0 <= mo.momentum < 1.0:
+        raise ConfigError(f"moco.momentum must be in [0, 1); got {mo.momentum} (MoCo v2 uses 0.999, CIFAR 0.99)")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be between 0 and 1; got {d.val_fraction}")
+    if t.micro_batch_size is not None and t.micro_batch_size <= 0:
+        raise ConfigError(f"train.micro_batch_size must be positive; got {t.micro_batch_size}")
+
+    batch, micro = t.batch_size, cfg.micro_batch
+    if micro > batch:
+        raise ConfigError(f"train.micro_batch_size ({micro}) is larger than train.batch_size ({batch}); "
+                          f"lower it to at most {batch}")
+    if batch % micro:
+        divisors = [k for k in range(1, batch + 1) if batch % k == 0 and k <= micro]
+        raise ConfigError(f"train.batch_size ({batch}) is not a multiple of train.micro_batch_size ({micro}); "
+                          f"use a micro-batch that divides it, e.g. train.micro_batch_size={divisors[-1]}")
+    if micro < 2:
+        raise ConfigError("train.micro_batch_size must be at least 2: BatchNorm needs two samples per batch")
+    if mo.key_chunks > batch:
+        raise ConfigError(f"moco.key_chunks ({mo.key_chunks}) is more than the {batch} keys of a batch; "
+                          f"use at most train.batch_size // 2 chunks (e.g. moco.key_chunks={max(1, batch // 32)})")
+    if batch % mo.key_chunks or batch // mo.key_chunks < 2:
+        raise ConfigError(f"moco.key_chunks ({mo.key_chunks}) must split train.batch_size ({batch}) into equal "
+                          f"chunks of at least 2 keys; e.g. moco.key_chunks={max(1, batch // max(micro, 2))}")
+    keys_per_step = batch * (2 if mo.symmetric else 1)
+    if mo.queue_size < keys_per_step:
+        raise ConfigError(f"moco.queue_size ({mo.queue_size}) is smaller than the {keys_per_step} keys enqueued "
+                          f"per step; raise it to at least {keys_per_step}")
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise ConfigError(f"train.max_steps must be positive or null; got {t.max_steps}")
+    if t.checkpoint_every < 0 or cfg.eval.knn_every < 0:
+        raise ConfigError("train.checkpoint_every and eval.knn_every must be >= 0 (0 turns them off)")
