@@ -1,0 +1,79 @@
+"""Backbones by timm name, with the switches that change memory but not the maths.
+
+    backbone, width = create_backbone("resnet18", image_size=32, small_image_stem=True)
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import timm
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+
+def create_backbone(arch: str, image_size: int, small_image_stem: bool = False) -> tuple[nn.Module, int]:
+    """A randomly initialised timm model without classifier; returns (model, feature width)."""
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; close names: {', '.join(close)}" if close else "; list names with timm.list_models('*pattern*')"
+        raise ConfigError(f"model.arch {arch!r} is not a timm model{hint}")
+    try:
+        # Transformers take the input size as a constructor argument; convnets refuse it.
+        model = timm.create_model(arch, num_classes=0, img_size=image_size)
+    except TypeError:
+        model = timm.create_model(arch, num_classes=0)
+    if small_image_stem:
+        make_small_image_stem(model, arch)
+    return model, model.num_features
+
+
+def make_small_image_stem(model: nn.Module, arch: str = "") -> nn.Module:
+    """ResNet-style stem for 32-px images: 3x3 stride-1 first conv and no max-pool.
+
+    Also how to rebuild an exported small-stem backbone before loading its weights.
+    """
+    conv = getattr(model, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise ConfigError(f"model.small_image_stem works for ResNet-style models with a single conv1 and a "
+                          f"max-pool (e.g. resnet18, resnet50); {arch or type(model).__name__} has none. "
+                          f"Set model.small_image_stem=false")
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def enable_grad_checkpointing(model: nn.Module, arch: str) -> None:
+    """timm's activation checkpointing; families without it get a clear message."""
+    try:
+        model.set_grad_checkpointing(True)
+    except (AssertionError, NotImplementedError, AttributeError) as err:
+        raise ConfigError(f"{arch} does not support gradient checkpointing in timm ({err or 'not implemented'}); "
+                          f"set train.grad_checkpointing=false or pick another model.arch") from None
+
+
+class MLPHead(nn.Sequential):
+    """MoCo v2 projection head: Linear(d, h) - ReLU - Linear(h, dim)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+        super().__init__(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+
+class Encoder(nn.Module):
+    """Backbone followed by the projection head; the output is not yet normalised."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+def build_encoder(arch: str, image_size: int, small_image_stem: bool, dim: int,
+                  head_hidden_dim: int | None = None) -> Encoder:
+    backbone, width = create_backbone(arch, image_size, small_image_stem)
+    return Encoder(backbone, MLPHead(width, head_hidden_dim or width, dim))

@@ -1,0 +1,93 @@
+"""One MoCo v2 optimizer step over an effective batch B, in micro-batches.
+
+    1. momentum update of f_k (once per step, before the keys, as the official code does)
+    2. keys for all B key views: shuffled, chunked, no autograd (keys.py)
+    3. per micro-batch: queries under autocast, fp32 loss against that micro-batch's own keys
+       and the queue as it stood before the step; backward (gradients accumulate)
+    4. one optimizer step, then one enqueue of the B keys
+
+Since a query's loss depends only on (q_i, k_i, queue), accumulating micro-batches gives the
+gradient of the whole batch; BatchNorm sees one micro-batch at a time, exactly like per-GPU
+BatchNorm in the 8-GPU recipe. Peak memory follows the micro-batch and chunk size, not B.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .keys import encode_keys
+from .moco import MoCo, info_nce
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean per-query loss over the effective batch (sum of both directions if symmetric)
+    skipped: bool  # True when the loss was not finite and nothing was updated
+
+
+class MoCoStep:
+    def __init__(self, moco: MoCo, optimizer, accelerator, *, micro_batch: int, key_chunks: int,
+                 temperature: float, symmetric: bool = False, encoder_q: nn.Module | None = None,
+                 guard_bn_stats: bool = False):
+        self.moco = moco
+        self.encoder_q = encoder_q if encoder_q is not None else moco.encoder_q  # may be DDP-wrapped
+        self.optimizer = optimizer
+        self.accelerator = accelerator
+        self.micro_batch = micro_batch
+        self.key_chunks = key_chunks
+        self.temperature = temperature
+        self.symmetric = symmetric
+        # Checkpointing re-runs the forward in backward, which would update BatchNorm running
+        # statistics twice; they are put back after each backward.
+        self.bn_layers = [m for m in moco.encoder_q.modules()
+                          if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                          ] if guard_bn_stats else []
+
+    def __call__(self, view_q: torch.Tensor, view_k: torch.Tensor, momentum: float,
+                 generator: torch.Generator | None = None) -> StepResult:
+        acc, moco = self.accelerator, self.moco
+        moco.momentum_update(momentum)
+        with acc.autocast():
+            keys_k = encode_keys(moco.encoder_k, view_k, self.key_chunks, generator)
+            keys_q = encode_keys(moco.encoder_k, view_q, self.key_chunks, generator) if self.symmetric else None
+        queue = moco.queue  # enqueued only after every micro-batch's backward
+
+        pairs = [(view_q, keys_k)] + ([(view_k, keys_q)] if self.symmetric else [])
+        n_micro = view_q.shape[0] // self.micro_batch
+        total = torch.zeros((), device=view_q.device)
+        for i in range(n_micro):
+            part = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
+            last = i == n_micro - 1
+            # Gradients are synchronised across processes on the final micro-batch only.
+            with contextlib.nullcontext() if last else acc.no_sync(self.encoder_q):
+                for images, keys in pairs:
+                    with acc.autocast():
+                        q = self.encoder_q(images[part])
+                    loss = info_nce(q, keys[part], queue, self.temperature) / n_micro
+                    saved = [self._bn_state(m) for m in self.bn_layers]
+                    acc.backward(loss)
+                    for m, state in zip(self.bn_layers, saved):
+                        self._restore_bn_state(m, state)
+                    total += loss.detach()
+
+        loss_value = float(total)
+        if not torch.isfinite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss_value, skipped=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        moco.enqueue(torch.cat([keys_q, keys_k]) if self.symmetric else keys_k)
+        return StepResult(loss_value, skipped=False)
+
+    @staticmethod
+    def _bn_state(m: nn.Module) -> list[torch.Tensor]:
+        return [m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()]
+
+    @staticmethod
+    def _restore_bn_state(m: nn.Module, state: list[torch.Tensor]) -> None:
+        for buf, saved in zip((m.running_mean, m.running_var, m.num_batches_tracked), state):
+            buf.copy_(saved)
