@@ -27,7 +27,17 @@ def create_backbone(arch: str, image_size: int, small_image_stem: bool = False) 
         model = timm.create_model(arch, num_classes=0)
     if small_image_stem:
         make_small_image_stem(model, arch)
-    return model, model.num_features
+    return model, output_width(model, image_size)
+
+
+@torch.no_grad()
+def output_width(model: nn.Module, image_size: int) -> int:
+    """Width of the pooled features, measured: some families (MobileNetV3) add a conv head
+    after what timm calls num_features."""
+    was_training = model.training
+    width = model.eval()(torch.zeros(1, 3, image_size, image_size)).shape[-1]
+    model.train(was_training)
+    return width
 
 
 def make_small_image_stem(model: nn.Module, arch: str = "") -> nn.Module:

@@ -1,0 +1,79 @@
+"""What the user sees while training.
+
+In a terminal: a live rich progress bar with epoch, step, loss, lr, img/s, peak memory and
+ETA. When stdout is not a terminal (a notebook's `!` command, a log file), live bars do not
+animate, so the same figures come as plain lines every `log_every` steps and at epoch ends.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+
+
+def _fmt(fields: dict) -> str:
+    parts = [f"epoch {fields['epoch']}", f"step {fields['step']}"]
+    if "loss" in fields:
+        parts.append(f"loss {fields['loss']:.4f}")
+    if "lr" in fields:
+        parts.append(f"lr {fields['lr']:.3g}")
+    if "images_per_sec" in fields:
+        parts.append(f"{fields['images_per_sec']:.1f} img/s")
+    if "peak_mem_mb" in fields:
+        parts.append(f"peak {fields['peak_mem_mb']:.0f} MB")
+    if "knn_top1" in fields:
+        parts.append(f"kNN top-1 {fields['knn_top1']:.2f}%")
+    if fields.get("skipped_steps"):
+        parts.append(f"{fields['skipped_steps']} non-finite steps skipped")
+    if fields.get("bad_images"):
+        parts.append(f"{fields['bad_images']} unreadable images skipped")
+    return " | ".join(parts)
+
+
+class Progress:
+    def __init__(self, total_steps: int, steps_per_epoch: int, enabled: bool = True, console: Console | None = None):
+        self.console = console or Console(highlight=False)
+        self.enabled = enabled
+        self.live = enabled and self.console.is_terminal
+        self.total, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.started = time.perf_counter()
+        self.bar = RichProgress(
+            TextColumn("[bold]MoCo"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
+        ) if self.live else None
+        self.task = None
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=self.total, status="")
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text)
+
+    describe = note = print
+
+    def update(self, step: int, **fields) -> None:
+        if self.bar is not None:
+            status = _fmt(fields).split(" | ", 2)[-1]
+            self.bar.update(self.task, completed=step, status=f"epoch {fields['epoch']} | {status}")
+
+    def log_line(self, fields: dict) -> None:
+        """Plain periodic line, only when the live bar is not shown."""
+        if self.enabled and not self.live:
+            done = fields["step"] / max(1, self.total)
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / done - elapsed if done > 0 else float("nan")
+            self.console.print(f"{_fmt(fields)} | {100 * done:.0f}% | ETA {eta / 60:.1f} min")
+
+    def epoch_line(self, record: dict) -> None:
+        self.print(f"[bold]end of {_fmt(record)}")

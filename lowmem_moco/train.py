@@ -1,0 +1,368 @@
+"""The training loop: config -> data and model -> MoCo steps -> metrics and checkpoints.
+
+Resumes by itself when output_dir already holds a checkpoint. The data order of an epoch
+and every sample's augmentation are functions of (seed, epoch, index), so a resumed run
+continues exactly where the interrupted one was.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from .backbones import build_encoder, enable_grad_checkpointing
+from .checkpoint import export_backbone, join_state, load_latest, save_checkpoint, split_state
+from .config import Config, config_from_dict, save_config
+from .data import EvalImages, TwoViews, build_datasets
+from .augment import IMAGENET_MEAN, IMAGENET_STD, mocov2_transform
+from .errors import CheckpointError, ConfigError, UserError
+from .evaluate import extract_features, knn_accuracy
+from .moco import MoCo, momentum_at
+from .progress import Progress
+from .step import MoCoStep
+
+
+# ------------------------------------------------------------------ schedule and data order
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
+    """Linear warm-up, then cosine decay to zero, per optimizer step."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63)
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of (index, sample_seed) for one epoch: a seeded permutation, full batches only,
+    starting at `start` (a resumed epoch); `rank`/`world` take this process's share."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, start: int = 0,
+                 rank: int = 0, world: int = 1):
+        self.size, self.batch_size, self.seed, self.epoch = size, batch_size, seed, epoch
+        self.start, self.rank, self.world = start, rank, world
+
+    def __len__(self) -> int:
+        return self.size // self.batch_size - self.start
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
+        share = self.batch_size // self.world
+        for b in range(self.start, self.size // self.batch_size):
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size][self.rank * share:(self.rank + 1) * share]
+            yield [(int(i), sample_seed(self.seed, self.epoch, int(i))) for i in batch]
+
+
+# ------------------------------------------------------------------ set-up helpers
+
+
+def resolve_precision(requested: str) -> str:
+    if requested == "bf16" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        if major < 8:
+            raise ConfigError(f"train.precision=bf16 is emulated (slow) on {torch.cuda.get_device_name()} "
+                              f"(compute capability {major}.{minor} < 8.0); use train.precision=fp16")
+    if requested == "fp16" and not torch.cuda.is_available():
+        warnings.warn("train.precision=fp16 needs a CUDA GPU for speed and loss scaling; running in fp32 "
+                      "(use train.precision=bf16 for mixed precision on a CPU)", stacklevel=2)
+        return "no"
+    return requested
+
+
+def prepare_output_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"output_dir {path} is not writable ({err.strerror}); "
+                        f"choose another with output_dir=...") from None
+
+
+def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def check_compatible(saved: Config, cfg: Config, path: Path) -> None:
+    """A checkpoint resumes only into the same model; other changes are allowed."""
+    fields = ["model.arch", "model.small_image_stem", "model.dim", "model.head_hidden_dim", "moco.queue_size"]
+    for name in fields:
+        section, key = name.split(".")
+        old, new = getattr(getattr(saved, section), key), getattr(getattr(cfg, section), key)
+        if old != new:
+            raise CheckpointError(f"{path} was trained with {name}={old!r} but the config says {new!r}; "
+                                  f"use the same {name} to resume, or a new output_dir to start afresh")
+
+
+# ------------------------------------------------------------------ the trainer
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        precision = resolve_precision(cfg.train.precision)
+        self.acc = Accelerator(mixed_precision=precision)
+        self.device = self.acc.device
+        self.main = self.acc.is_main_process
+        if self.main:
+            prepare_output_dir(self.out)
+        set_seed(cfg.train.seed)
+
+        self.data = build_datasets(cfg.data)
+        world = self.acc.num_processes
+        if cfg.train.batch_size % (world * cfg.micro_batch):
+            raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must split into {world} processes x "
+                              f"micro-batches of {cfg.micro_batch}; change train.micro_batch_size")
+        self.steps_per_epoch = len(self.data.train) // cfg.train.batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f"the training set has {len(self.data.train)} images, fewer than one batch of "
+                            f"{cfg.train.batch_size}; lower train.batch_size or add images")
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
+
+        m = cfg.model
+        encoder = build_encoder(m.arch, cfg.data.image_size, m.small_image_stem, m.dim, m.head_hidden_dim)
+        if cfg.train.grad_checkpointing:
+            enable_grad_checkpointing(encoder.backbone, m.arch)
+        self.moco = MoCo(encoder, cfg.moco.queue_size, m.dim).to(self.device)
+        if cfg.train.channels_last:
+            self.moco.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(self.moco.encoder_q.parameters(), cfg)
+        self.encoder_q, self.optimizer = self.acc.prepare(self.moco.encoder_q, optimizer)
+        self.key_shuffle = torch.Generator().manual_seed(cfg.train.seed + 1)
+        self.step_fn = MoCoStep(self.moco, self.optimizer, self.acc, micro_batch=cfg.micro_batch,
+                                key_chunks=cfg.moco.key_chunks, temperature=cfg.moco.temperature,
+                                symmetric=cfg.moco.symmetric, encoder_q=self.encoder_q,
+                                guard_bn_stats=cfg.train.grad_checkpointing)
+        self.views = TwoViews(self.data.train, mocov2_transform(cfg.data.image_size), cfg.data.on_bad_image)
+        self.step = 0
+        self.counters = {"skipped_steps": 0, "nonfinite_in_a_row": 0, "bad_images": 0}
+        self.resumed_from = self._resume()
+        if self.main:
+            save_config(cfg, self.out / "config.yaml")
+
+    # -------------------------------------------------------------- state
+
+    def _state(self) -> tuple[dict, dict]:
+        tensors = {f"model.{k}": v for k, v in self.moco.state_dict().items()}
+        opt_tensors, opt_rest = split_state(self.optimizer.state_dict(), "optimizer")
+        tensors.update(opt_tensors)
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.key_shuffle"] = self.key_shuffle.get_state()
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = s
+        np_state = np.random.get_state()
+        scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
+        meta = {
+            "step": self.step, "config": self.cfg.to_dict(), "optimizer": opt_rest, "scaler": scaler,
+            "counters": self.counters, "rng_python": list(random.getstate()[1]),
+            "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        }
+        return tensors, meta
+
+    def _resume(self) -> Path | None:
+        found = load_latest(self.out)
+        if found is None:
+            return None
+        tensors, meta, path = found
+        check_compatible(config_from_dict(meta["config"]), self.cfg, path)
+        saved_batch = meta["config"]["train"]["batch_size"]
+        if saved_batch != self.cfg.train.batch_size:
+            raise CheckpointError(f"{path} was trained with train.batch_size={saved_batch}; resuming with "
+                                  f"{self.cfg.train.batch_size} would change the data order and schedule. "
+                                  f"Use train.batch_size={saved_batch} (the micro-batch may change)")
+        model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.moco.load_state_dict(model)
+        self.optimizer.load_state_dict(join_state(tensors, meta["optimizer"]))
+        if meta["scaler"] is not None and self.acc.scaler is not None:
+            self.acc.scaler.load_state_dict(meta["scaler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.key_shuffle.set_state(tensors["rng.key_shuffle"])
+        if torch.cuda.is_available():
+            states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+            if len(states) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states)
+        random.setstate((3, tuple(meta["rng_python"]), None))
+        n = meta["rng_numpy"]
+        np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+        self.step = meta["step"]
+        self.counters = meta["counters"]
+        return path
+
+    def save(self) -> None:
+        if self.main:
+            tensors, meta = self._state()
+            save_checkpoint(self.out, self.step, tensors, meta, keep=self.cfg.train.keep_checkpoints)
+        self.acc.wait_for_everyone()
+
+    # -------------------------------------------------------------- evaluation
+
+    def knn(self) -> float:
+        cfg = self.cfg
+        bank_size = min(len(self.data.train), cfg.eval.knn_max_train)
+        bank_idx = torch.randperm(len(self.data.train), generator=torch.Generator().manual_seed(0))[:bank_size]
+        loaders = [self._eval_loader(self.data.train.subset(bank_idx.tolist())), self._eval_loader(self.data.val)]
+        backbone = self.moco.encoder_q.backbone
+        (bank, bank_y), (val, val_y) = [
+            extract_features(backbone, ld, self.device, autocast=self.acc.autocast,
+                             channels_last=cfg.train.channels_last) for ld in loaders]
+        return knn_accuracy(bank, bank_y, val, val_y, len(self.data.classes),
+                            k=cfg.eval.knn_k, t=cfg.eval.knn_t)["top1"]
+
+    def _eval_loader(self, images):
+        return torch.utils.data.DataLoader(EvalImages(images, self.cfg.data.image_size),
+                                           batch_size=max(64, self.cfg.micro_batch),
+                                           num_workers=self._workers(), pin_memory=self.device.type == "cuda")
+
+    def _workers(self) -> int:
+        n = self.cfg.data.num_workers
+        return min(8, os.cpu_count() or 1) if n < 0 else n
+
+    # -------------------------------------------------------------- the loop
+
+    def _loader(self, epoch: int, start: int):
+        sampler = EpochBatches(len(self.views), self.cfg.train.batch_size, self.cfg.train.seed, epoch, start,
+                               self.acc.process_index, self.acc.num_processes)
+        return torch.utils.data.DataLoader(self.views, batch_sampler=sampler, num_workers=self._workers(),
+                                           pin_memory=self.device.type == "cuda")
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
+        return images.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        metrics = MetricsLog(self.out / "metrics.jsonl", self.main, truncate_after=self.step)
+        progress = Progress(self.stop_step, self.steps_per_epoch, enabled=self.main)
+        progress.describe(self._summary())
+        warmup = round(t.warmup_epochs * self.steps_per_epoch)
+        if self.step == 0 and cfg.eval.knn_every:
+            metrics.write(epoch=0, step=0, kind="eval", knn_top1=self.knn())
+            progress.note(f"kNN top-1 before training: {metrics.last['knn_top1']:.2f}%")
+        last = {}
+        with progress:
+            while self.step < self.stop_step:
+                epoch, start = divmod(self.step, self.steps_per_epoch)
+                epoch_loss, epoch_steps, epoch_images, epoch_start = 0.0, 0, 0, time.perf_counter()
+                window_start, window_images = time.perf_counter(), 0
+                for view_q, view_k, skipped in self._loader(epoch, start):
+                    lr = lr_at(self.step, self.total_steps, warmup, t.lr)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    m = momentum_at(self.step, self.total_steps, cfg.moco.momentum, cfg.moco.momentum_schedule)
+                    result = self.step_fn(self._to_device(view_q), self._to_device(view_k), m, self.key_shuffle)
+                    self.step += 1
+                    self._count(result, skipped)
+                    images = t.batch_size
+                    epoch_loss += result.loss
+                    epoch_steps += 1
+                    epoch_images += images
+                    window_images += images
+                    elapsed = time.perf_counter() - window_start
+                    last = dict(epoch=epoch + 1, step=self.step, loss=result.loss, lr=lr,
+                                images_per_sec=window_images / max(elapsed, 1e-9),
+                                peak_mem_mb=peak_memory_mb(self.device))
+                    progress.update(self.step, **last)
+                    if self.step % t.log_every == 0:
+                        metrics.write(kind="step", momentum=m, skipped_steps=self.counters["skipped_steps"], **last)
+                        progress.log_line(last)
+                        window_start, window_images = time.perf_counter(), 0
+                    if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                        self.save()
+                    if self.step >= self.stop_step:
+                        break
+                epoch_done = self.step % self.steps_per_epoch == 0
+                record = dict(epoch=epoch + 1, step=self.step, kind="epoch" if epoch_done else "partial_epoch",
+                              loss=epoch_loss / max(1, epoch_steps), lr=last.get("lr", 0.0),
+                              images_per_sec=epoch_images / (time.perf_counter() - epoch_start),
+                              peak_mem_mb=peak_memory_mb(self.device), **self.counters_public())
+                if cfg.eval.knn_every and ((epoch + 1) % cfg.eval.knn_every == 0 or self.step >= self.stop_step):
+                    record["knn_top1"] = self.knn()
+                metrics.write(**record)
+                progress.epoch_line(record)
+                self.save()
+        if self.main:
+            self.export()
+        return metrics.last
+
+    def counters_public(self) -> dict:
+        return {"skipped_steps": self.counters["skipped_steps"], "bad_images": self.counters["bad_images"]}
+
+    def _count(self, result, skipped: torch.Tensor) -> None:
+        self.counters["bad_images"] += int(skipped.sum())
+        if not result.skipped:
+            self.counters["nonfinite_in_a_row"] = 0
+            return
+        self.counters["skipped_steps"] += 1
+        self.counters["nonfinite_in_a_row"] += 1
+        if self.counters["nonfinite_in_a_row"] >= self.cfg.train.max_nonfinite_steps:
+            raise UserError(f"the loss was not finite for {self.counters['nonfinite_in_a_row']} steps in a row "
+                            f"(step {self.step}); the last good checkpoint is kept in {self.out}. Lower train.lr, "
+                            f"or use train.precision=bf16 (or no) instead of fp16")
+
+    def export(self) -> Path:
+        m = self.cfg.model
+        info = {"arch": m.arch, "small_image_stem": m.small_image_stem, "image_size": self.cfg.data.image_size,
+                "num_features": self.moco.encoder_q.backbone.num_features, "mean": IMAGENET_MEAN,
+                "std": IMAGENET_STD, "step": self.step}
+        return export_backbone(self.moco.encoder_q.backbone, self.out / "backbone.safetensors", info)
+
+    def _summary(self) -> str:
+        c = self.cfg
+        params = sum(p.numel() for p in self.moco.encoder_q.parameters()) / 1e6
+        resumed = f", resumed from {self.resumed_from.name} (step {self.step})" if self.resumed_from else ""
+        return (f"MoCo v2 {c.model.arch} ({params:.1f}M params) on {self.device}, precision {self.acc.mixed_precision}"
+                f" | batch {c.train.batch_size} = {c.micro_batch} x {c.accum_steps} micro-batches"
+                f" x {self.acc.num_processes} processes, {c.moco.key_chunks} key chunks, K {c.moco.queue_size}"
+                f" | {len(self.data.train)} images, {self.steps_per_epoch} steps/epoch, {c.train.epochs} epochs"
+                f" | output {self.out}{resumed}")
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object per line; on resume, lines past the checkpoint are dropped
+    so that the file reads as if the run had never been interrupted."""
+
+    def __init__(self, path: Path, enabled: bool, truncate_after: int):
+        import json
+        self._json = json
+        self.path, self.enabled, self.last = path, enabled, {}
+        if enabled and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= truncate_after]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, **record) -> None:
+        self.last = {**self.last, **record}
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(self._json.dumps(record) + "\n")
+
+
+def train(cfg: Config) -> dict:
+    return Trainer(cfg).fit()
