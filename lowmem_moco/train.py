@@ -7,6 +7,7 @@ continues exactly where the interrupted one was.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -161,7 +162,8 @@ class Trainer:
                                 guard_bn_stats=cfg.train.grad_checkpointing)
         self.views = TwoViews(self.data.train, mocov2_transform(cfg.data.image_size), cfg.data.on_bad_image)
         self.step = 0
-        self.counters = {"skipped_steps": 0, "nonfinite_in_a_row": 0, "bad_images": 0}
+        self.counters = {"skipped_steps": 0, "nonfinite_in_a_row": 0, "bad_images": 0,
+                         "epoch_loss_sum": 0.0, "epoch_steps": 0}
         self.resumed_from = self._resume()
         if self.main:
             save_config(cfg, self.out / "config.yaml")
@@ -232,7 +234,8 @@ class Trainer:
         (bank, bank_y), (val, val_y) = [
             extract_features(backbone, ld, self.device, autocast=self.acc.autocast,
                              channels_last=cfg.train.channels_last) for ld in loaders]
-        return knn_accuracy(bank, bank_y, val, val_y, len(self.data.classes),
+        bank, bank_y, val = bank.to(self.device), bank_y.to(self.device), val.to(self.device)
+        return knn_accuracy(bank, bank_y, val, val_y.to(self.device), len(self.data.classes),
                             k=cfg.eval.knn_k, t=cfg.eval.knn_t)["top1"]
 
     def _eval_loader(self, images):
@@ -249,8 +252,10 @@ class Trainer:
     def _loader(self, epoch: int, start: int):
         sampler = EpochBatches(len(self.views), self.cfg.train.batch_size, self.cfg.train.seed, epoch, start,
                                self.acc.process_index, self.acc.num_processes)
+        # A private generator for the workers' base seed keeps the global RNG out of the data path.
         return torch.utils.data.DataLoader(self.views, batch_sampler=sampler, num_workers=self._workers(),
-                                           pin_memory=self.device.type == "cuda")
+                                           pin_memory=self.device.type == "cuda",
+                                           generator=torch.Generator().manual_seed(epoch))
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
@@ -269,19 +274,24 @@ class Trainer:
         with progress:
             while self.step < self.stop_step:
                 epoch, start = divmod(self.step, self.steps_per_epoch)
-                epoch_loss, epoch_steps, epoch_images, epoch_start = 0.0, 0, 0, time.perf_counter()
+                if start == 0:  # a resumed epoch keeps the loss sums saved with the checkpoint
+                    self.counters.update(epoch_loss_sum=0.0, epoch_steps=0)
+                epoch_images, epoch_start = 0, time.perf_counter()
                 window_start, window_images = time.perf_counter(), 0
                 for view_q, view_k, skipped in self._loader(epoch, start):
                     lr = lr_at(self.step, self.total_steps, warmup, t.lr)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     m = momentum_at(self.step, self.total_steps, cfg.moco.momentum, cfg.moco.momentum_schedule)
-                    result = self.step_fn(self._to_device(view_q), self._to_device(view_k), m, self.key_shuffle)
+                    try:
+                        result = self.step_fn(self._to_device(view_q), self._to_device(view_k), m, self.key_shuffle)
+                    except torch.cuda.OutOfMemoryError:
+                        raise UserError(self._oom_message()) from None
                     self.step += 1
                     self._count(result, skipped)
                     images = t.batch_size
-                    epoch_loss += result.loss
-                    epoch_steps += 1
+                    self.counters["epoch_loss_sum"] += result.loss
+                    self.counters["epoch_steps"] += 1
                     epoch_images += images
                     window_images += images
                     elapsed = time.perf_counter() - window_start
@@ -299,7 +309,8 @@ class Trainer:
                         break
                 epoch_done = self.step % self.steps_per_epoch == 0
                 record = dict(epoch=epoch + 1, step=self.step, kind="epoch" if epoch_done else "partial_epoch",
-                              loss=epoch_loss / max(1, epoch_steps), lr=last.get("lr", 0.0),
+                              loss=self.counters["epoch_loss_sum"] / max(1, self.counters["epoch_steps"]),
+                              lr=last.get("lr", 0.0),
                               images_per_sec=epoch_images / (time.perf_counter() - epoch_start),
                               peak_mem_mb=peak_memory_mb(self.device), **self.counters_public())
                 if cfg.eval.knn_every and ((epoch + 1) % cfg.eval.knn_every == 0 or self.step >= self.stop_step):
@@ -326,6 +337,15 @@ class Trainer:
                             f"(step {self.step}); the last good checkpoint is kept in {self.out}. Lower train.lr, "
                             f"or use train.precision=bf16 (or no) instead of fp16")
 
+    def _oom_message(self) -> str:
+        c = self.cfg
+        return (f"CUDA ran out of memory at step {self.step + 1} with train.micro_batch_size={c.micro_batch}, "
+                f"{c.data.image_size} px, {c.model.arch}. Find the largest micro-batch that fits with "
+                f"`python -m benchmarks fit --arch {c.model.arch} --image-size {c.data.image_size}`, or reduce "
+                f"memory with train.micro_batch_size={max(2, c.micro_batch // 2)} (the effective batch stays "
+                f"{c.train.batch_size}), train.grad_checkpointing=true, train.precision=fp16 or "
+                f"moco.key_chunks={min(c.train.batch_size // 2, c.moco.key_chunks * 2)}")
+
     def export(self) -> Path:
         m = self.cfg.model
         info = {"arch": m.arch, "small_image_stem": m.small_image_stem, "image_size": self.cfg.data.image_size,
@@ -349,19 +369,18 @@ class MetricsLog:
     so that the file reads as if the run had never been interrupted."""
 
     def __init__(self, path: Path, enabled: bool, truncate_after: int):
-        import json
-        self._json = json
         self.path, self.enabled, self.last = path, enabled, {}
         if enabled and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= truncate_after]
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            kept = [json.dumps(r) for r in records
+                    if r["step"] <= truncate_after and r.get("kind") != "partial_epoch"]
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, **record) -> None:
         self.last = {**self.last, **record}
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(self._json.dumps(record) + "\n")
+                f.write(json.dumps(record) + "\n")
 
 
 def train(cfg: Config) -> dict:

@@ -1,0 +1,118 @@
+"""Whole runs on the CPU: synthetic and folder data, exact resume, export through timm, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from lowmem_moco.backbones import make_small_image_stem
+from lowmem_moco.checkpoint import list_checkpoints, read_checkpoint
+from lowmem_moco.cli import main
+from lowmem_moco.config import load_config
+from lowmem_moco.train import Trainer, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "data.source=synthetic", "data.synthetic_size=192", "data.image_size=32", "data.num_workers=0",
+    "model.arch=test_resnet", "model.dim=16", "moco.queue_size=96", "moco.key_chunks=4", "moco.momentum=0.9",
+    "train.batch_size=32", "train.micro_batch_size=16", "train.epochs=2", "train.lr=0.05",
+    "train.log_every=2", "train.checkpoint_every=4", "eval.knn_every=1", "eval.knn_k=10",
+]
+
+
+def run(out, *extra):
+    return train(load_config(None, [*TINY, f"output_dir={out}", *extra]))
+
+
+def metrics(out):
+    drop = {"images_per_sec", "peak_mem_mb"}  # timings differ between runs
+    return [{k: v for k, v in json.loads(line).items() if k not in drop}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_state(out):
+    tensors, meta = read_checkpoint(list_checkpoints(out)[-1])
+    return tensors, meta["step"]
+
+
+def test_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    run(whole)
+    run(parts, "train.max_steps=3")  # stops mid-epoch, between two periodic checkpoints
+    run(parts, "train.max_steps=7")  # resumes from step 3, stops again mid-epoch 2
+    run(parts)
+
+    (a, step_a), (b, step_b) = final_state(whole), final_state(parts)
+    assert step_a == step_b == 12
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert metrics(whole) == metrics(parts)
+    kinds = [r["kind"] for r in metrics(whole)]
+    assert kinds.count("epoch") == 2 and kinds[0] == "eval"
+    assert all({"epoch", "step", "loss", "lr"} <= r.keys() for r in metrics(whole) if r["kind"] != "eval")
+    assert (parts / "config.yaml").exists() and (parts / "backbone.safetensors").exists()
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    run(tmp_path, "train.max_steps=1")
+    with pytest.raises(Exception, match="model.dim=16 but the config says 32"):
+        run(tmp_path, "model.dim=32")
+
+
+def test_exported_backbone_loads_in_timm_with_identical_features(tmp_path):
+    trainer = Trainer(load_config(None, [*TINY, f"output_dir={tmp_path}", "train.max_steps=2",
+                                         "eval.knn_every=0"]))
+    trainer.fit()
+    path = tmp_path / "backbone.safetensors"
+    loaded = timm.create_model("test_resnet", pretrained=True, num_classes=0,
+                               pretrained_cfg_overlay=dict(file=str(path))).eval()
+    trained = trainer.moco.encoder_q.backbone.eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), trained(x))
+    assert json.loads(path.with_suffix(".json").read_text())["arch"] == "test_resnet"
+
+
+def test_small_stem_backbone_loads_after_rebuilding_the_stem(tmp_path, cifar_folder):
+    trainer = Trainer(load_config(None, [
+        *TINY, f"output_dir={tmp_path}", "data.source=folder", f"data.root={cifar_folder}",
+        "model.arch=resnet18", "model.small_image_stem=true", "train.max_steps=2", "eval.knn_every=0"]))
+    trainer.fit()
+    model = make_small_image_stem(timm.create_model("resnet18", num_classes=0))
+    model.load_state_dict(timm.models.load_state_dict(str(tmp_path / "backbone.safetensors")))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), trainer.moco.encoder_q.backbone.eval()(x))
+
+
+def test_folder_data_from_real_jpegs_trains_and_measures_knn(tmp_path, cifar_folder):
+    last = run(tmp_path, "data.source=folder", f"data.root={cifar_folder}", "train.epochs=1")
+    assert last["kind"] == "epoch" and 0.0 <= last["knn_top1"] <= 100.0
+    assert torch.isfinite(torch.tensor(last["loss"]))
+
+
+def test_cli_prints_one_clear_line_for_user_errors(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "recipe file not found" in err and "Traceback" not in err
+    assert main(["train", str(REPO / "recipes/demo.yaml"), "model.arch=resnet_18"]) == 2
+    assert "close names" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_trainer_on_cpu(tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes=1", "--num_machines=1",
+           "--mixed_precision=no", "--dynamo_backend=no", "-m", "lowmem_moco", "train",
+           str(REPO / "recipes/demo.yaml"), *TINY, "train.epochs=1", "eval.knn_every=0", f"output_dir={tmp_path}"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "backbone.safetensors").exists()
+    assert "end of epoch 1" in proc.stdout
