@@ -140,17 +140,21 @@ def join_state(tensors: dict[str, torch.Tensor], skeleton):
 # ------------------------------------------------------------- exported backbone
 
 
-def export_backbone(backbone: torch.nn.Module, path: str | Path, info: dict) -> Path:
+def export_backbone(backbone: torch.nn.Module, path: str | Path, cfg, step: int) -> Path:
     """The backbone's weights under timm's own names, plus a JSON of how to rebuild it.
 
     Loads with timm.create_model(arch, pretrained=True, num_classes=0,
     pretrained_cfg_overlay=dict(file=path)); small-image-stem ResNets are rebuilt first
     (see README).
     """
+    from .augment import IMAGENET_MEAN, IMAGENET_STD
+
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
+    info = {"arch": cfg.model.arch, "small_image_stem": cfg.model.small_image_stem,
+            "image_size": cfg.data.image_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "step": step}
     path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     return path

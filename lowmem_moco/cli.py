@@ -19,6 +19,14 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train MoCo v2 from a recipe; resumes when output_dir has a checkpoint")
     t.add_argument("recipe", help="a YAML recipe, e.g. recipes/demo.yaml")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=10")
+    e = sub.add_parser("eval", help="kNN or linear probe of a run's backbone on frozen features")
+    e.add_argument("mode", choices=["knn", "linear"])
+    e.add_argument("run_dir", help="the output_dir of a training run")
+    e.add_argument("overrides", nargs="*", help="e.g. data.source=cifar10 data.root=/data eval.knn_k=200")
+    e.add_argument("--epochs", type=int, default=100, help="linear probe epochs over the cached features")
+    x = sub.add_parser("export", help="write a run's backbone as timm-loadable safetensors")
+    x.add_argument("run_dir")
+    x.add_argument("--out", help="output file (default: RUN_DIR/backbone.safetensors)")
     return p
 
 
@@ -29,13 +37,25 @@ def _train(args) -> None:
     train(load_config(args.recipe, args.overrides))
 
 
+def _eval(args) -> None:
+    from .probe import evaluate_run
+
+    evaluate_run(args.run_dir, args.mode, args.overrides, linear_epochs=args.epochs)
+
+
+def _export(args) -> None:
+    from .probe import export_run
+
+    print(f"wrote {export_run(args.run_dir, args.out)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     err = Console(stderr=True, highlight=False)
     warnings.showwarning = lambda message, category, *a, **k: err.print(f"[yellow]warning:[/] {message}")
     try:
-        {"train": _train}[args.command](args)
+        {"train": _train, "eval": _eval, "export": _export}[args.command](args)
     except UserError as e:
         if args.debug:
             raise

@@ -8,8 +8,10 @@ with the key's dotted name and what to do instead.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,10 @@ class DataConfig:
     on_bad_image: str = "skip"  # skip | error: what an unreadable image file does
     synthetic_size: int = 4000  # synthetic source: training images (validation adds 1/4)
     synthetic_classes: int = 10
+
+    @property
+    def workers(self) -> int:
+        return min(8, os.cpu_count() or 1) if self.num_workers < 0 else self.num_workers
 
 
 @dataclass
@@ -196,8 +202,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    cfg = Config()
+def load_config(recipe: str | Path | None = None, overrides: list[str] = (), base: Config | None = None) -> Config:
+    """Defaults (or `base`, e.g. a finished run's config), then the recipe, then overrides."""
+    cfg = copy.deepcopy(base) if base is not None else Config()
     if recipe is not None:
         for key, value in _flatten(read_recipe(recipe)).items():
             _apply(cfg, key, value, f"in {recipe}")

@@ -62,10 +62,10 @@ class Progress:
 
     describe = note = print
 
-    def update(self, step: int, **fields) -> None:
+    def update(self, fields: dict) -> None:
         if self.bar is not None:
             status = _fmt(fields).split(" | ", 2)[-1]
-            self.bar.update(self.task, completed=step, status=f"epoch {fields['epoch']} | {status}")
+            self.bar.update(self.task, completed=fields["step"], status=f"epoch {fields['epoch']} | {status}")
 
     def log_line(self, fields: dict) -> None:
         """Plain periodic line, only when the live bar is not shown."""
@@ -76,4 +76,5 @@ class Progress:
             self.console.print(f"{_fmt(fields)} | {100 * done:.0f}% | ETA {eta / 60:.1f} min")
 
     def epoch_line(self, record: dict) -> None:
-        self.print(f"[bold]end of {_fmt(record)}")
+        done = record.get("kind") == "epoch"
+        self.print(f"[bold]{'end of' if done else 'stopped in'}[/] {_fmt(record)}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 import warnings
@@ -24,7 +23,7 @@ from .backbones import build_encoder, enable_grad_checkpointing
 from .checkpoint import export_backbone, join_state, load_latest, save_checkpoint, split_state
 from .config import Config, config_from_dict, save_config
 from .data import EvalImages, TwoViews, build_datasets
-from .augment import IMAGENET_MEAN, IMAGENET_STD, mocov2_transform
+from .augment import mocov2_transform
 from .errors import CheckpointError, ConfigError, UserError
 from .evaluate import extract_features, knn_accuracy
 from .moco import MoCo, momentum_at
@@ -241,11 +240,8 @@ class Trainer:
     def _eval_loader(self, images):
         return torch.utils.data.DataLoader(EvalImages(images, self.cfg.data.image_size),
                                            batch_size=max(64, self.cfg.micro_batch),
-                                           num_workers=self._workers(), pin_memory=self.device.type == "cuda")
-
-    def _workers(self) -> int:
-        n = self.cfg.data.num_workers
-        return min(8, os.cpu_count() or 1) if n < 0 else n
+                                           num_workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda",
+                                           generator=torch.Generator())  # leaves the global RNG alone
 
     # -------------------------------------------------------------- the loop
 
@@ -253,7 +249,7 @@ class Trainer:
         sampler = EpochBatches(len(self.views), self.cfg.train.batch_size, self.cfg.train.seed, epoch, start,
                                self.acc.process_index, self.acc.num_processes)
         # A private generator for the workers' base seed keeps the global RNG out of the data path.
-        return torch.utils.data.DataLoader(self.views, batch_sampler=sampler, num_workers=self._workers(),
+        return torch.utils.data.DataLoader(self.views, batch_sampler=sampler, num_workers=self.cfg.data.workers,
                                            pin_memory=self.device.type == "cuda",
                                            generator=torch.Generator().manual_seed(epoch))
 
@@ -298,7 +294,7 @@ class Trainer:
                     last = dict(epoch=epoch + 1, step=self.step, loss=result.loss, lr=lr,
                                 images_per_sec=window_images / max(elapsed, 1e-9),
                                 peak_mem_mb=peak_memory_mb(self.device))
-                    progress.update(self.step, **last)
+                    progress.update(last)
                     if self.step % t.log_every == 0:
                         metrics.write(kind="step", momentum=m, skipped_steps=self.counters["skipped_steps"], **last)
                         progress.log_line(last)
@@ -347,11 +343,7 @@ class Trainer:
                 f"moco.key_chunks={min(c.train.batch_size // 2, c.moco.key_chunks * 2)}")
 
     def export(self) -> Path:
-        m = self.cfg.model
-        info = {"arch": m.arch, "small_image_stem": m.small_image_stem, "image_size": self.cfg.data.image_size,
-                "num_features": self.moco.encoder_q.backbone.num_features, "mean": IMAGENET_MEAN,
-                "std": IMAGENET_STD, "step": self.step}
-        return export_backbone(self.moco.encoder_q.backbone, self.out / "backbone.safetensors", info)
+        return export_backbone(self.moco.encoder_q.backbone, self.out / "backbone.safetensors", self.cfg, self.step)
 
     def _summary(self) -> str:
         c = self.cfg
