@@ -52,7 +52,7 @@ def _export(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     warnings.showwarning = lambda message, category, *a, **k: err.print(f"[yellow]warning:[/] {message}")
     try:
         {"train": _train, "eval": _eval, "export": _export}[args.command](args)

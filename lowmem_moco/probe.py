@@ -63,7 +63,7 @@ def _features(cfg: Config, backbone, images, split: str, step: int, cache: Path,
 
 def evaluate_run(run_dir: str | Path, mode: str, overrides: list[str] = (), linear_epochs: int = 100,
                  console: Console | None = None) -> dict:
-    console = console or Console(highlight=False)
+    console = console or Console(highlight=False, soft_wrap=True)
     run_dir = Path(run_dir)
     cfg, backbone, step = load_run(run_dir, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

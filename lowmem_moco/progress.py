@@ -35,7 +35,7 @@ def _fmt(fields: dict) -> str:
 
 class Progress:
     def __init__(self, total_steps: int, steps_per_epoch: int, enabled: bool = True, console: Console | None = None):
-        self.console = console or Console(highlight=False)
+        self.console = console or Console(highlight=False, soft_wrap=True)
         self.enabled = enabled
         self.live = enabled and self.console.is_terminal
         self.total, self.steps_per_epoch = total_steps, steps_per_epoch
