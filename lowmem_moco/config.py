@@ -36,7 +36,8 @@ class DataConfig:
     image_size: int = 224
     num_workers: int = -1  # -1: one per CPU core, at most 8
     download: bool = True  # built-in sources: fetch the data when it is not in root yet
-    augment: str = "per_image"  # how the two MoCo v2 views are made
+    augment: str = "auto"  # per_image (CPU workers) | batched (decoded cache, on the device) | auto
+    cache_dir: Optional[str] = None  # batched: decoded-image cache (default: root/.lowmem_moco_cache)
     on_bad_image: str = "skip"  # skip | error: what an unreadable image file does
     synthetic_size: int = 4000  # synthetic source: training images (validation adds 1/4)
     synthetic_classes: int = 10
@@ -238,7 +239,7 @@ def _choice(key: str, value: str, choices: tuple) -> None:
 def validate(cfg: Config) -> None:
     d, m, mo, t = cfg.data, cfg.model, cfg.moco, cfg.train
     _choice("data.source", d.source, DATA_SOURCES)
-    _choice("data.augment", d.augment, ("per_image",))
+    _choice("data.augment", d.augment, ("auto", "per_image", "batched"))
     _choice("data.on_bad_image", d.on_bad_image, ("skip", "error"))
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.optimizer", t.optimizer, OPTIMIZERS)

@@ -22,16 +22,16 @@ from accelerate.utils import set_seed
 from .backbones import build_encoder, enable_grad_checkpointing
 from .checkpoint import export_backbone, join_state, load_latest, save_checkpoint, split_state
 from .config import Config, config_from_dict, save_config
-from .data import EvalImages, TwoViews, build_datasets
-from .augment import mocov2_transform
+from .data import EvalImages, build_datasets
 from .errors import CheckpointError, ConfigError, UserError
 from .evaluate import extract_features, knn_accuracy
 from .moco import MoCo, momentum_at
+from .pipeline import build_pipeline
 from .progress import Progress
 from .step import MoCoStep
 
 
-# ------------------------------------------------------------------ schedule and data order
+# ------------------------------------------------------------------ schedule
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
@@ -40,30 +40,6 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> flo
         return base_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63)
-
-
-class EpochBatches(torch.utils.data.Sampler):
-    """Batches of (index, sample_seed) for one epoch: a seeded permutation, full batches only,
-    starting at `start` (a resumed epoch); `rank`/`world` take this process's share."""
-
-    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, start: int = 0,
-                 rank: int = 0, world: int = 1):
-        self.size, self.batch_size, self.seed, self.epoch = size, batch_size, seed, epoch
-        self.start, self.rank, self.world = start, rank, world
-
-    def __len__(self) -> int:
-        return self.size // self.batch_size - self.start
-
-    def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
-        share = self.batch_size // self.world
-        for b in range(self.start, self.size // self.batch_size):
-            batch = order[b * self.batch_size:(b + 1) * self.batch_size][self.rank * share:(self.rank + 1) * share]
-            yield [(int(i), sample_seed(self.seed, self.epoch, int(i))) for i in batch]
 
 
 # ------------------------------------------------------------------ set-up helpers
@@ -138,9 +114,12 @@ class Trainer:
         if cfg.train.batch_size % (world * cfg.micro_batch):
             raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must split into {world} processes x "
                               f"micro-batches of {cfg.micro_batch}; change train.micro_batch_size")
-        self.steps_per_epoch = len(self.data.train) // cfg.train.batch_size
+        view_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+        self.pipeline = build_pipeline(self.data.train, cfg, self.device, self.acc.process_index, world,
+                                       view_dtype if self.device.type == "cuda" else torch.float32)
+        self.steps_per_epoch = len(self.pipeline) // cfg.train.batch_size
         if self.steps_per_epoch == 0:
-            raise UserError(f"the training set has {len(self.data.train)} images, fewer than one batch of "
+            raise UserError(f"the training set has {len(self.pipeline)} images, fewer than one batch of "
                             f"{cfg.train.batch_size}; lower train.batch_size or add images")
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
@@ -159,7 +138,6 @@ class Trainer:
                                 key_chunks=cfg.moco.key_chunks, temperature=cfg.moco.temperature,
                                 symmetric=cfg.moco.symmetric, encoder_q=self.encoder_q,
                                 guard_bn_stats=cfg.train.grad_checkpointing)
-        self.views = TwoViews(self.data.train, mocov2_transform(cfg.data.image_size), cfg.data.on_bad_image)
         self.step = 0
         self.counters = {"skipped_steps": 0, "nonfinite_in_a_row": 0, "bad_images": 0,
                          "epoch_loss_sum": 0.0, "epoch_steps": 0}
@@ -245,18 +223,6 @@ class Trainer:
 
     # -------------------------------------------------------------- the loop
 
-    def _loader(self, epoch: int, start: int):
-        sampler = EpochBatches(len(self.views), self.cfg.train.batch_size, self.cfg.train.seed, epoch, start,
-                               self.acc.process_index, self.acc.num_processes)
-        # A private generator for the workers' base seed keeps the global RNG out of the data path.
-        return torch.utils.data.DataLoader(self.views, batch_sampler=sampler, num_workers=self.cfg.data.workers,
-                                           pin_memory=self.device.type == "cuda",
-                                           generator=torch.Generator().manual_seed(epoch))
-
-    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
-        fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
-        return images.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
-
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         metrics = MetricsLog(self.out / "metrics.jsonl", self.main, truncate_after=self.step)
@@ -274,13 +240,13 @@ class Trainer:
                     self.counters.update(epoch_loss_sum=0.0, epoch_steps=0)
                 epoch_images, epoch_start = 0, time.perf_counter()
                 window_start, window_images = time.perf_counter(), 0
-                for view_q, view_k, skipped in self._loader(epoch, start):
+                for view_q, view_k, skipped in self.pipeline.epoch(epoch, start):
                     lr = lr_at(self.step, self.total_steps, warmup, t.lr)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     m = momentum_at(self.step, self.total_steps, cfg.moco.momentum, cfg.moco.momentum_schedule)
                     try:
-                        result = self.step_fn(self._to_device(view_q), self._to_device(view_k), m, self.key_shuffle)
+                        result = self.step_fn(view_q, view_k, m, self.key_shuffle)
                     except torch.cuda.OutOfMemoryError:
                         raise UserError(self._oom_message()) from None
                     self.step += 1
@@ -321,8 +287,8 @@ class Trainer:
     def counters_public(self) -> dict:
         return {"skipped_steps": self.counters["skipped_steps"], "bad_images": self.counters["bad_images"]}
 
-    def _count(self, result, skipped: torch.Tensor) -> None:
-        self.counters["bad_images"] += int(skipped.sum())
+    def _count(self, result, skipped: int) -> None:
+        self.counters["bad_images"] += skipped
         if not result.skipped:
             self.counters["nonfinite_in_a_row"] = 0
             return

@@ -116,3 +116,9 @@ def test_accelerate_launch_runs_the_trainer_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "backbone.safetensors").exists()
     assert "end of epoch 1" in proc.stdout
+
+
+def test_batched_augmentation_trains_end_to_end_from_the_decoded_cache(tmp_path):
+    last = run(tmp_path, "data.augment=batched", f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1")
+    assert last["kind"] == "epoch" and torch.isfinite(torch.tensor(last["loss"]))
+    assert any(p.suffix == ".npy" for p in (tmp_path / "cache").iterdir())

@@ -1,0 +1,203 @@
+"""Two-view images/s of the input pipeline: per-image CPU workers vs decoded cache + batched views.
+
+    python -m benchmarks.data_pipeline --image-size 32 --image-size 96
+
+Data: real CIFAR-10 JPEGs (a class-balanced subset of ../shared/data/cifar10-train-jpeg.tar.gz)
+at 32 px; for larger sizes the same images upscaled and saved as JPEGs (128 px for 96,
+256 px for 224), so both paths decode real files. Paths measured, same batches and count:
+
+    per_image            DataLoader(TwoViews(FileImages, mocov2_transform(S))), N workers, keys
+                         (index, sample_seed), as in training
+    batched_cpu          DecodedCache slices (one reader worker) -> BatchedMoCoV2.two_views in
+                         the main process, torch's CPU threads (and _1thread: one thread)
+    batched_cpu_workers  the same cache slices and two_views, run inside N DataLoader workers
+                         (one thread each: robust when the cores are shared)
+    batched_cuda         cache slices -> pinned -> two_views on the GPU (when there is one)
+
+`measure_pipeline(image_size, ...)` returns the figures as a dict for the benchmark suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from PIL import Image
+
+from lowmem_moco.augment import mocov2_transform
+from lowmem_moco.batched_augment import BatchedMoCoV2
+from lowmem_moco.cache import DecodedCache
+from lowmem_moco.data import FileImages, TwoViews
+
+TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
+WORK_DIR = Path(tempfile.gettempdir()) / "lowmem_moco_bench"
+
+
+# ---------------------------------------------------------------------- data
+
+
+def folder_images(root: Path) -> FileImages:
+    """The class-per-folder JPEGs under root, as the data module's file-backed set."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    pairs = [(str(p), c) for c, name in enumerate(classes) for p in sorted((root / name).glob("*.jpg"))]
+    return FileImages([p for p, _ in pairs], [t for _, t in pairs], classes)
+
+
+def cifar_subset(count: int, work_dir: Path, tarball: Path = TARBALL) -> Path:
+    """A class-balanced subset of the CIFAR-10 JPEGs, extracted once: <dir>/train/<class>/NNNN.jpg."""
+    root = work_dir / f"cifar10-{count}" / "train"
+    done = root.parent / ".complete"
+    if done.exists():
+        return root
+    if not tarball.exists():
+        raise FileNotFoundError(f"{tarball} not found; pass --tarball PATH to the CIFAR-10 JPEG archive")
+    per_class, taken = math.ceil(count / 10), {}
+    with tarfile.open(tarball) as archive:
+        for member in archive:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) != 3 or not parts[2].endswith(".jpg"):
+                continue
+            if taken.get(parts[1], 0) < per_class:
+                taken[parts[1]] = taken.get(parts[1], 0) + 1
+                target = root / parts[1] / parts[2]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.extractfile(member).read())
+    done.touch()
+    return root
+
+
+def upscaled(source: Path, side: int) -> Path:
+    """The same JPEGs resized to side x side (bicubic), saved once beside the source."""
+    root = source.parent.parent / f"{source.parent.name}-{side}px" / "train"
+    done = root.parent / ".complete"
+    if not done.exists():
+        for path in sorted(source.glob("*/*.jpg")):
+            target = root / path.parent.name / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with Image.open(path) as image:
+                image.convert("RGB").resize((side, side), Image.BICUBIC).save(target, quality=90)
+        done.touch()
+    return root
+
+
+def data_for(image_size: int, count: int, work_dir: Path, tarball: Path = TARBALL) -> Path:
+    root = cifar_subset(count, work_dir, tarball)
+    return root if image_size <= 32 else upscaled(root, 128 * math.ceil(1.15 * image_size / 128))
+
+
+# ---------------------------------------------------------------------- timing
+
+
+def _rate(batches, n_batches: int, batch: int, sync=lambda: None) -> float:
+    """Two-view images/s over n_batches, after one untimed batch (worker start-up, caches)."""
+    it = iter(batches)
+    next(it)
+    sync()
+    start = time.perf_counter()
+    for _ in range(n_batches):
+        next(it)
+    sync()
+    return n_batches * batch / (time.perf_counter() - start)
+
+
+def _keys(size: int, batch: int, n_batches: int, seed: int = 0) -> list[list[tuple[int, int]]]:
+    """n_batches + 1 batches of (index, sample_seed), as the trainer's EpochBatches yields."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    order = (order * math.ceil(batch * (n_batches + 1) / size))[:batch * (n_batches + 1)]
+    return [[(i, 1000 + b * batch + j) for j, i in enumerate(order[b * batch:(b + 1) * batch])]
+            for b in range(n_batches + 1)]
+
+
+class _ViewsInWorker:
+    """transform for CachedBatches: both views made inside a CPU DataLoader worker."""
+
+    def __init__(self, image_size: int):
+        self.augment = BatchedMoCoV2(image_size)
+
+    def __call__(self, images, seeds):
+        return self.augment.two_views(images, torch.Generator().manual_seed(int(seeds[0])))
+
+
+def measure_pipeline(image_size: int, images: int = 5000, batch: int = 256, n_batches: Optional[int] = None,
+                     workers: int = 2, work_dir: Path | str = WORK_DIR, tarball: Path | str = TARBALL,
+                     devices: tuple[str, ...] = ("cpu", "cuda"), progress: bool = False) -> dict:
+    """Two-view images/s of each path at `image_size` on the same data; see the module docstring."""
+    work_dir, tarball = Path(work_dir), Path(tarball)
+    n_batches = n_batches or 8
+    root = data_for(image_size, images, work_dir, tarball)
+    data = folder_images(root)
+    keys = _keys(len(data), batch, n_batches)
+    result = dict(image_size=image_size, images=len(data), source=str(root), batch=batch, batches=n_batches,
+                  workers=workers, cpu_threads=torch.get_num_threads())
+
+    views = TwoViews(data, mocov2_transform(image_size), "skip")  # the training loader's data set
+    loader = torch.utils.data.DataLoader(views, batch_sampler=keys, num_workers=workers)
+    result["per_image"] = _rate(loader, n_batches, batch)
+
+    started = time.perf_counter()
+    cache = DecodedCache.open_or_build(data, work_dir / "cache", image_size, name=root.parent.name,
+                                       progress=progress)
+    result.update(cache_seconds=round(time.perf_counter() - started, 2), storage_size=cache.storage_size,
+                  cache_build_seconds=cache.manifest["build_seconds"])
+    augment = BatchedMoCoV2(image_size)
+
+    def on(device: torch.device):
+        for images_u8, _, seeds in cache.loader(keys, num_workers=1, pin_memory=device.type == "cuda"):
+            images_u8 = images_u8.to(device, non_blocking=True)
+            generator = torch.Generator(device).manual_seed(int(seeds[0]))
+            yield augment.two_views(images_u8, generator)
+
+    if "cpu" in devices:
+        threads = torch.get_num_threads()
+        result["batched_cpu"] = _rate(on(torch.device("cpu")), n_batches, batch)
+        if threads > 1:  # several threads stall when other processes share the cores: show one too
+            torch.set_num_threads(1)
+            try:
+                result["batched_cpu_1thread"] = _rate(on(torch.device("cpu")), n_batches, batch)
+            finally:
+                torch.set_num_threads(threads)
+        in_workers = cache.loader(keys, num_workers=workers, transform=_ViewsInWorker(image_size))
+        result["batched_cpu_workers"] = _rate(in_workers, n_batches, batch)
+    if "cuda" in devices and torch.cuda.is_available():
+        device = torch.device("cuda")
+        result["batched_cuda"] = _rate(on(device), n_batches, batch, lambda: torch.cuda.synchronize(device))
+        result["cuda_device"] = torch.cuda.get_device_name(device)
+    best = max(result.get(k, 0.0) for k in ("batched_cpu", "batched_cpu_1thread", "batched_cpu_workers"))
+    result["cpu_speedup"] = round(best / result["per_image"], 2) if best else None
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image-size", type=int, action="append", help="crop size; repeat for several (default 32)")
+    parser.add_argument("--images", type=int, default=5000, help="CIFAR-10 images to extract and use")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=None, help="timed batches per path (default 8)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (per-image and in-worker paths)")
+    parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help="extracted images and the decoded cache")
+    parser.add_argument("--tarball", type=Path, default=TARBALL)
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    results = []
+    for size in args.image_size or [32]:
+        r = measure_pipeline(size, args.images, args.batch, args.batches, args.workers, args.work_dir, args.tarball,
+                             progress=True)
+        results.append(r)
+        names = ("per_image", "batched_cpu", "batched_cpu_1thread", "batched_cpu_workers", "batched_cuda")
+        cells = [f"{name} {r[name]:.0f}" for name in names if name in r]
+        print(f"{size:>4} px | two-view img/s: {' | '.join(cells)} | best batched CPU / per-image: "
+              f"{r['cpu_speedup']}x | {r['images']} images, cache {r['storage_size']} px "
+              f"(built in {r['cache_build_seconds']}s), {r['workers']} workers, {r['cpu_threads']} CPU threads")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The training input: which images, in what order, turned into two views on the device.
+
+The order of an epoch and every view are functions of (seed, epoch, index), so a resumed
+run sees exactly the batches an uninterrupted one would. Two ways to make the views:
+
+- `per_image`: PIL images augmented one by one in DataLoader workers (any data, no cache);
+- `batched`: images decoded once into a memory-mapped uint8 cache, a batch sliced from it
+  and augmented in one pass on the training device (what keeps a GPU fed by 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .augment import mocov2_transform
+from .batched_augment import BatchedMoCoV2
+from .cache import CachedBatches, DecodedCache
+from .config import Config
+from .data import LabelledImages, TwoViews
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63)
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of (index, sample_seed) for one epoch: a seeded permutation, full batches only,
+    starting at batch `start` (a resumed epoch); `rank`/`world` take this process's share."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, start: int = 0,
+                 rank: int = 0, world: int = 1):
+        self.size, self.batch_size, self.seed, self.epoch = size, batch_size, seed, epoch
+        self.start, self.rank, self.world = start, rank, world
+
+    def __len__(self) -> int:
+        return self.size // self.batch_size - self.start
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
+        share = self.batch_size // self.world
+        for b in range(self.start, self.size // self.batch_size):
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size][self.rank * share:(self.rank + 1) * share]
+            yield [(int(i), sample_seed(self.seed, self.epoch, int(i))) for i in batch]
+
+
+class Pipeline:
+    """Yields (view_q, view_k, unreadable images skipped) per effective batch, on `device`."""
+
+    def __init__(self, cfg: Config, device: torch.device, rank: int = 0, world: int = 1):
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _sampler(self, epoch: int, start: int) -> EpochBatches:
+        t = self.cfg.train
+        return EpochBatches(len(self), t.batch_size, t.seed, epoch, start, self.rank, self.world)
+
+    def _loader(self, dataset, workers: int, **kw) -> torch.utils.data.DataLoader:
+        # A private generator for the workers' base seed keeps the global RNG out of the data path.
+        return torch.utils.data.DataLoader(dataset, num_workers=workers, pin_memory=self.device.type == "cuda",
+                                           generator=torch.Generator(), **kw)
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+
+
+class PerImagePipeline(Pipeline):
+    def __init__(self, images: LabelledImages, cfg: Config, device: torch.device, rank: int = 0, world: int = 1):
+        super().__init__(cfg, device, rank, world)
+        self.views = TwoViews(images, mocov2_transform(cfg.data.image_size), cfg.data.on_bad_image)
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def epoch(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        loader = self._loader(self.views, self.cfg.data.workers, batch_sampler=self._sampler(epoch, start))
+        for view_q, view_k, skipped in loader:
+            yield self._to_device(view_q), self._to_device(view_k), int(skipped.sum())
+
+
+class BatchedPipeline(Pipeline):
+    def __init__(self, images: LabelledImages, cfg: Config, device: torch.device, rank: int = 0, world: int = 1,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(cfg, device, rank, world)
+        d = cfg.data
+        folder = Path(d.cache_dir) if d.cache_dir else Path(d.root) / ".lowmem_moco_cache"
+        self.cache = DecodedCache.open_or_build(images, folder, d.image_size, name=f"{d.source}-train",
+                                                on_bad_image=d.on_bad_image, progress=rank == 0)
+        self.skipped = len(images) - len(self.cache)  # dropped once, when the cache was built
+        self.augment = BatchedMoCoV2(d.image_size)
+        self.dtype = dtype
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def epoch(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        # Slicing the memory map is cheap: one worker reading ahead is enough.
+        loader = self._loader(CachedBatches(self.cache), min(1, self.cfg.data.workers),
+                              sampler=self._sampler(epoch, start), batch_size=None)
+        for images, _, seeds in loader:
+            # One generator per batch, seeded by the batch's first sample: exact on resume.
+            generator = torch.Generator().manual_seed(int(seeds[0]))
+            view_q, view_k = self.augment.two_views(images.to(self.device, non_blocking=True), generator, self.dtype)
+            yield view_q.contiguous(memory_format=self.memory_format), \
+                view_k.contiguous(memory_format=self.memory_format), 0
+
+
+def build_pipeline(images: LabelledImages, cfg: Config, device: torch.device, rank: int = 0, world: int = 1,
+                   dtype: torch.dtype = torch.float32) -> Pipeline:
+    mode = cfg.data.augment
+    if mode == "auto":
+        mode = "batched" if device.type == "cuda" else "per_image"
+    if mode == "batched":
+        return BatchedPipeline(images, cfg, device, rank, world, dtype)
+    return PerImagePipeline(images, cfg, device, rank, world)

@@ -1,0 +1,172 @@
+"""The decoded image cache: build once, re-use, rebuild on change, never use a partial build."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lowmem_moco import cache as cache_module
+from lowmem_moco.cache import CachedBatches, DecodedCache, square, storage_size
+from lowmem_moco.data import ArrayImages, FileImages
+from lowmem_moco.errors import DataError
+
+
+def folder(root):
+    """The data module's file-backed set over a class-per-folder tree."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    paths = [str(p) for c in classes for p in sorted((root / c).iterdir())]
+    return FileImages(paths, [classes.index(os.path.basename(os.path.dirname(p))) for p in paths], classes)
+
+
+class InMemory:
+    """A set with neither files nor a pixel array (e.g. generated on the fly)."""
+
+    def __init__(self, arrays):
+        self.arrays, self.classes, self.targets = arrays, ["a"], [0] * len(arrays)
+
+    def __len__(self):
+        return len(self.arrays)
+
+    def load(self, i):
+        return Image.fromarray(self.arrays[i])
+
+
+def make_folder(root, n_per_class=4, sizes=((40, 30), (30, 52)), broken=0):
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(n_per_class):
+            w, h = sizes[i % len(sizes)]
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / c / f"{i:03d}.png")
+    for i in range(broken):
+        (root / "dog" / f"broken{i}.png").write_bytes(b"not an image at all")
+    return folder(root)
+
+
+def build(images, directory, **kw):
+    return DecodedCache.open_or_build(images, directory, 16, progress=False, **kw)
+
+
+def test_storage_size_policy():
+    assert storage_size(224, 500) == 258
+    assert storage_size(32, 32) == 32  # CIFAR stays native
+    assert storage_size(96, 32) == 32  # never enlarged: the crop upsamples on the device
+    assert storage_size(96) == 110
+
+
+def test_build_contents_labels_and_batches(tmp_path):
+    images = make_folder(tmp_path / "data")
+    cache = build(images, tmp_path / "cache")
+    assert len(cache) == 8 and cache.storage_size == 18 and cache.skipped == 0  # 1.15 x 16, images larger
+    assert cache.targets.tolist() == images.targets and cache.classes == ["cat", "dog"]
+    assert np.array_equal(cache.images[5], square(images.load(5), 18))
+    assert not cache.images.flags.writeable  # read-only memory map
+    batch = cache.batch([5, 0, 5])
+    assert batch.shape == (3, 3, 18, 18) and batch.dtype == torch.uint8
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch[0], torch.from_numpy(square(images.load(5), 18)).permute(2, 0, 1))
+    assert torch.equal(batch[0], batch[2]) and torch.equal(cache.batch(torch.tensor([5]))[0], batch[0])
+    manifest = json.loads((tmp_path / "cache" / "train-18px.json").read_text())
+    assert manifest["count"] == 8 and manifest["fingerprint"]
+
+
+def test_reused_when_current(tmp_path, monkeypatch):
+    images = make_folder(tmp_path / "data")
+    first = build(images, tmp_path / "cache")
+    monkeypatch.setattr(cache_module, "_build", lambda *a, **k: pytest.fail("rebuilt a current cache"))
+    again = build(folder(tmp_path / "data"), tmp_path / "cache")
+    assert again.manifest["images_file"] == first.manifest["images_file"]
+
+
+def test_rebuilt_when_a_file_or_the_size_changes(tmp_path):
+    images = make_folder(tmp_path / "data")
+    first = build(images, tmp_path / "cache")
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(images.paths[0])
+    os.utime(images.paths[0], ns=(1, 1))  # a new mtime even on coarse-clock file systems
+    second = build(folder(tmp_path / "data"), tmp_path / "cache")
+    assert second.manifest["images_file"] != first.manifest["images_file"]
+    assert (second.images[0] == [255, 0, 0]).all()
+    assert not (tmp_path / "cache" / first.manifest["images_file"]).exists()  # old build removed
+    bigger = DecodedCache.open_or_build(images, tmp_path / "cache", 16, side=24, progress=False)
+    assert bigger.storage_size == 24 and bigger.images.shape == (8, 24, 24, 3)
+    assert build(images, tmp_path / "cache").manifest["images_file"] == second.manifest["images_file"]
+
+
+def test_interrupted_build_is_never_used(tmp_path, monkeypatch):
+    images = make_folder(tmp_path / "data")
+    calls = []
+
+    def dies_midway(image, side):
+        calls.append(1)
+        if len(calls) > 4:
+            raise KeyboardInterrupt  # a killed build: not an unreadable image
+        return square(image, side)
+
+    monkeypatch.setattr(cache_module, "square", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        build(images, tmp_path / "cache")
+    assert not (tmp_path / "cache" / "train-18px.json").exists()
+    monkeypatch.setattr(cache_module, "square", square)
+    cache = build(images, tmp_path / "cache")
+    assert len(cache) == 8
+    assert sorted(p.name for p in (tmp_path / "cache").glob("*.npy")) == sorted(
+        [cache.manifest["images_file"], cache.manifest["index_file"]])  # the partial files are gone
+    (tmp_path / "cache" / "train-18px.json").write_text('{"version": 1, "fingerp')  # a torn manifest
+    assert len(build(images, tmp_path / "cache")) == 8
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    images = make_folder(tmp_path / "data", broken=2)
+    cache = build(images, tmp_path / "cache")
+    assert len(images) == 10 and len(cache) == 8 and cache.skipped == 2
+    kept = [i for i, p in enumerate(images.paths) if "broken" not in p]
+    assert cache.source_indices.tolist() == kept
+    assert cache.targets.tolist() == [images.targets[i] for i in kept]
+    with pytest.raises(DataError, match="broken0.png"):
+        build(images, tmp_path / "strict", on_bad_image="error")
+
+
+def test_in_memory_sets_need_an_identity(tmp_path):
+    arrays = [np.full((20, 20, 3), v, dtype=np.uint8) for v in (10, 20, 30)]
+    with pytest.raises(DataError, match="source_id"):
+        build(InMemory(arrays), tmp_path / "cache")
+    first = build(InMemory(arrays), tmp_path / "cache", source_id="synthetic-v1")
+    assert first.storage_size == 18 and (first.images[2] == 30).all()
+    assert build(InMemory(arrays), tmp_path / "cache", source_id="synthetic-v1").manifest == first.manifest
+    assert build(InMemory(arrays), tmp_path / "cache", source_id="synthetic-v2").manifest != first.manifest
+
+
+def test_array_backed_sets_are_identified_by_their_pixels(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 20, 20, 3), dtype=np.uint8)
+    first = build(ArrayImages(pixels, [0, 1] * 3, ["a", "b"]), tmp_path / "cache")
+    assert np.array_equal(first.images[3], square(Image.fromarray(pixels[3]), 18))
+    again = build(ArrayImages(pixels.copy(), [0, 1] * 3, ["a", "b"]), tmp_path / "cache")
+    assert again.manifest == first.manifest
+    pixels[2] = 0
+    changed = build(ArrayImages(pixels, [0, 1] * 3, ["a", "b"]), tmp_path / "cache")
+    assert changed.manifest["images_file"] != first.manifest["images_file"] and (changed.images[2] == 0).all()
+
+
+def test_batches_for_the_trainer_keys(tmp_path):
+    cache = build(make_folder(tmp_path / "data"), tmp_path / "cache")
+    images, targets, seeds = CachedBatches(cache)[[(3, 103), (1, 101)]]
+    assert images.shape == (2, 3, 18, 18) and targets.tolist() == [0, 0] and seeds.tolist() == [103, 101]
+    sampler = [[(i, 100 + i) for i in range(b, b + 4)] for b in (0, 4)]
+    batches = list(cache.loader(sampler, num_workers=1))  # the cache pickles to a worker
+    assert [b[0].shape[0] for b in batches] == [4, 4] and batches[1][2].tolist() == [104, 105, 106, 107]
+    assert torch.equal(batches[1][0], cache.batch([4, 5, 6, 7]))
+
+
+def test_real_jpegs_to_two_views(cifar_folder, tmp_path):
+    """CIFAR-10 JPEGs -> cache at native 32 px -> a batch of MoCo v2 views."""
+    from lowmem_moco.batched_augment import BatchedMoCoV2
+
+    images = folder(cifar_folder)
+    cache = DecodedCache.open_or_build(images, tmp_path / "cache", 32, progress=False)
+    assert cache.storage_size == 32 and len(cache) == len(images) and cache.skipped == 0
+    batch, targets, _ = CachedBatches(cache)[list(range(0, len(cache), 7))]
+    q, k = BatchedMoCoV2(32).two_views(batch, torch.Generator().manual_seed(0))
+    assert q.shape == k.shape == (len(targets), 3, 32, 32) and not torch.equal(q, k)
