@@ -61,8 +61,9 @@ class MocoConfig:
     momentum: float = 0.999  # key-encoder EMA coefficient m
     momentum_schedule: str = "constant"  # constant | cosine (m rises to 1 over training)
     temperature: float = 0.2  # T of InfoNCE
-    key_chunks: int = 8  # key batch split for per-chunk BatchNorm (shuffle BN on one GPU)
+    key_chunks: int = 8  # key batch split for per-chunk BatchNorm (shuffle BN on one GPU); per process
     symmetric: bool = False  # symmetric loss of the CIFAR-10 demo notebook
+    shuffle_across_processes: bool = False  # N processes: shuffle the key batch across them (official shuffle BN)
 
 
 @dataclass

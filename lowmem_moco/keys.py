@@ -5,6 +5,11 @@ own share of a shuffled batch, so a query and its key never share statistics. On
 device a permutation alone changes nothing (BatchNorm over a whole batch ignores order):
 the statistics must be split, which running the chunks one after another does, at the
 activation memory of a single chunk since no autograd graph is kept.
+
+Under N processes (`encode_batch_keys`) each process encodes its own share in
+`moco.key_chunks` chunks, and the keys of all processes are gathered in rank order, which is
+the order of the effective batch. With `moco.shuffle_across_processes` the key images are
+first gathered and permuted with a seed every process shares, as the official code does.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .moco import bn_snapshot, merge_bn_stats
 
 
 @torch.no_grad()
@@ -27,8 +34,46 @@ def encode_keys(encoder_k: nn.Module, images: torch.Tensor, num_chunks: int,
     shuffled = images[perm]
     if images.is_contiguous(memory_format=torch.channels_last) and images.dim() == 4:
         shuffled = shuffled.contiguous(memory_format=torch.channels_last)
-    keys = torch.cat([encoder_k(chunk) for chunk in shuffled.chunk(num_chunks)])
-    keys = F.normalize(keys.float(), dim=1)
+    keys = _encode_in_chunks(encoder_k, shuffled, num_chunks)
     unshuffled = torch.empty_like(keys)
     unshuffled[perm] = keys
     return unshuffled
+
+
+def _encode_in_chunks(encoder_k: nn.Module, images: torch.Tensor, num_chunks: int) -> torch.Tensor:
+    keys = torch.cat([encoder_k(chunk) for chunk in images.chunk(num_chunks)])
+    return F.normalize(keys.float(), dim=1)
+
+
+@torch.no_grad()
+def encode_batch_keys(encoder_k: nn.Module, images: torch.Tensor, num_chunks: int,
+                      generator: torch.Generator | None, accelerator,
+                      shuffle_across_processes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys of the whole effective batch, keys of this process's `images`), both in batch order.
+
+    `images` is this process's share; `generator` must be in the same state on every process.
+    The first result is the same on every process (it is what gets enqueued). With one
+    process both are `encode_keys(encoder_k, images, num_chunks, generator)`.
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world == 1:
+        keys = encode_keys(encoder_k, images, num_chunks, generator)
+        return keys, keys
+    n = images.shape[0]
+    before = bn_snapshot(encoder_k)
+    if shuffle_across_processes:
+        # Every process holds the whole key batch in rank order, draws the same permutation,
+        # encodes its own slice of it: a single process with N x num_chunks chunks and the same
+        # generator forms exactly the same BatchNorm groups.
+        everything = accelerator.gather(images)
+        perm = torch.randperm(world * n, generator=generator).to(images.device)
+        mine = everything[perm[rank * n:(rank + 1) * n]]
+        if images.is_contiguous(memory_format=torch.channels_last) and images.dim() == 4:
+            mine = mine.contiguous(memory_format=torch.channels_last)
+        shuffled = accelerator.gather(_encode_in_chunks(encoder_k, mine, num_chunks))
+        all_keys = torch.empty_like(shuffled)
+        all_keys[perm] = shuffled
+    else:
+        all_keys = accelerator.gather(encode_keys(encoder_k, images, num_chunks, generator))
+    merge_bn_stats(before, accelerator)  # the key encoder's running statistics stay identical everywhere
+    return all_keys, all_keys[rank * n:(rank + 1) * n]

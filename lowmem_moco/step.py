@@ -9,6 +9,12 @@
 Since a query's loss depends only on (q_i, k_i, queue), accumulating micro-batches gives the
 gradient of the whole batch; BatchNorm sees one micro-batch at a time, exactly like per-GPU
 BatchNorm in the 8-GPU recipe. Peak memory follows the micro-batch and chunk size, not B.
+
+Under N processes (DDP through accelerate) each process gets B/N images: its micro-batches
+sync gradients only on the last one, DDP averages the processes' gradients (each already the
+mean over its share), so the update is the one of the whole-batch mean loss. Keys are
+gathered in rank order and enqueued identically everywhere, and BatchNorm running
+statistics are merged to the values a single process would hold (moco.merge_bn_stats).
 """
 
 from __future__ import annotations
@@ -19,20 +25,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .keys import encode_keys
-from .moco import MoCo, info_nce
+from .keys import encode_batch_keys
+from .moco import MoCo, bn_snapshot, info_nce, merge_bn_stats
 
 
 @dataclass
 class StepResult:
-    loss: float  # mean per-query loss over the effective batch (sum of both directions if symmetric)
+    loss: float  # mean per-query loss over the effective batch, all processes (sum of both directions if symmetric)
     skipped: bool  # True when the loss was not finite and nothing was updated
 
 
 class MoCoStep:
     def __init__(self, moco: MoCo, optimizer, accelerator, *, micro_batch: int, key_chunks: int,
                  temperature: float, symmetric: bool = False, encoder_q: nn.Module | None = None,
-                 guard_bn_stats: bool = False):
+                 guard_bn_stats: bool = False, shuffle_across_processes: bool = False):
         self.moco = moco
         self.encoder_q = encoder_q if encoder_q is not None else moco.encoder_q  # may be DDP-wrapped
         self.optimizer = optimizer
@@ -41,6 +47,7 @@ class MoCoStep:
         self.key_chunks = key_chunks
         self.temperature = temperature
         self.symmetric = symmetric
+        self.shuffle_across_processes = shuffle_across_processes
         # Checkpointing re-runs the forward in backward, which would update BatchNorm running
         # statistics twice; they are put back after each backward.
         self.bn_layers = [m for m in moco.encoder_q.modules()
@@ -51,10 +58,15 @@ class MoCoStep:
                  generator: torch.Generator | None = None) -> StepResult:
         acc, moco = self.accelerator, self.moco
         moco.momentum_update(momentum)
+        world = acc.num_processes
         with acc.autocast():
-            keys_k = encode_keys(moco.encoder_k, view_k, self.key_chunks, generator)
-            keys_q = encode_keys(moco.encoder_k, view_q, self.key_chunks, generator) if self.symmetric else None
+            # (whole batch for the queue, this process's share for the loss)
+            all_k, keys_k = encode_batch_keys(moco.encoder_k, view_k, self.key_chunks, generator, acc,
+                                              self.shuffle_across_processes)
+            all_q, keys_q = encode_batch_keys(moco.encoder_k, view_q, self.key_chunks, generator, acc,
+                                              self.shuffle_across_processes) if self.symmetric else (None, None)
         queue = moco.queue  # enqueued only after every micro-batch's backward
+        bn_before = bn_snapshot(moco.encoder_q) if world > 1 else []
 
         pairs = [(view_q, keys_k)] + ([(view_k, keys_q)] if self.symmetric else [])
         n_micro = view_q.shape[0] // self.micro_batch
@@ -74,13 +86,16 @@ class MoCoStep:
                         self._restore_bn_state(m, state)
                     total += loss.detach()
 
+        merge_bn_stats(bn_before, acc)
+        if world > 1:  # every process takes the same decision to step or skip
+            total = acc.reduce(total, reduction="mean")
         loss_value = float(total)
         if not torch.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(loss_value, skipped=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        moco.enqueue(torch.cat([keys_q, keys_k]) if self.symmetric else keys_k)
+        moco.enqueue(torch.cat([all_q, all_k]) if self.symmetric else all_k)
         return StepResult(loss_value, skipped=False)
 
     @staticmethod

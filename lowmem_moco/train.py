@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 import warnings
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 
 from .backbones import build_encoder, enable_grad_checkpointing
@@ -102,9 +104,18 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         precision = resolve_precision(cfg.train.precision)
-        self.acc = Accelerator(mixed_precision=precision)
+        # No DDP buffer broadcast at each forward: the step merges BatchNorm running statistics
+        # itself, to the values one process would hold (moco.merge_bn_stats).
+        self.acc = Accelerator(mixed_precision=precision,
+                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         self.device = self.acc.device
         self.main = self.acc.is_main_process
+        # --- N processes: without a GPU, `accelerate launch --multi_gpu` starts independent runs
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.acc.num_processes == 1:
+            raise UserError(f"{launched} processes were launched but accelerate joined none of them for data "
+                            f"parallel (no GPU?); on a CPU launch with ACCELERATE_USE_CPU=true accelerate launch "
+                            f"--multi_gpu --num_processes {launched} ...")
         if self.main:
             prepare_output_dir(self.out)
         set_seed(cfg.train.seed)
@@ -114,6 +125,13 @@ class Trainer:
         if cfg.train.batch_size % (world * cfg.micro_batch):
             raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must split into {world} processes x "
                               f"micro-batches of {cfg.micro_batch}; change train.micro_batch_size")
+        # --- N processes: moco.key_chunks counts chunks of each process's share of the keys
+        share = cfg.train.batch_size // world
+        if world > 1 and (share % cfg.moco.key_chunks or share // cfg.moco.key_chunks < 2):
+            raise ConfigError(f"moco.key_chunks ({cfg.moco.key_chunks}) counts chunks per process and must split "
+                              f"each process's {share} keys into equal chunks of at least 2; "
+                              f"e.g. moco.key_chunks={max(1, share // cfg.micro_batch)}")
+        self.resumed_processes: int | None = None
         view_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
         self.pipeline = build_pipeline(self.data.train, cfg, self.device, self.acc.process_index, world,
                                        view_dtype if self.device.type == "cuda" else torch.float32)
@@ -137,7 +155,8 @@ class Trainer:
         self.step_fn = MoCoStep(self.moco, self.optimizer, self.acc, micro_batch=cfg.micro_batch,
                                 key_chunks=cfg.moco.key_chunks, temperature=cfg.moco.temperature,
                                 symmetric=cfg.moco.symmetric, encoder_q=self.encoder_q,
-                                guard_bn_stats=cfg.train.grad_checkpointing)
+                                guard_bn_stats=cfg.train.grad_checkpointing,
+                                shuffle_across_processes=cfg.moco.shuffle_across_processes)
         self.step = 0
         self.counters = {"skipped_steps": 0, "nonfinite_in_a_row": 0, "bad_images": 0,
                          "epoch_loss_sum": 0.0, "epoch_steps": 0}
@@ -160,6 +179,7 @@ class Trainer:
         scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
         meta = {
             "step": self.step, "config": self.cfg.to_dict(), "optimizer": opt_rest, "scaler": scaler,
+            "processes": self.acc.num_processes,
             "counters": self.counters, "rng_python": list(random.getstate()[1]),
             "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         }
@@ -175,7 +195,11 @@ class Trainer:
         if saved_batch != self.cfg.train.batch_size:
             raise CheckpointError(f"{path} was trained with train.batch_size={saved_batch}; resuming with "
                                   f"{self.cfg.train.batch_size} would change the data order and schedule. "
-                                  f"Use train.batch_size={saved_batch} (the micro-batch may change)")
+                                  f"Use train.batch_size={saved_batch} (the micro-batch and the number of "
+                                  f"processes may change)")
+        # --- N processes: the effective batch matched, so another number of processes is fine
+        if meta.get("processes", 1) != self.acc.num_processes:
+            self.resumed_processes = meta.get("processes", 1)
         model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         self.moco.load_state_dict(model)
         self.optimizer.load_state_dict(join_state(tensors, meta["optimizer"]))
@@ -315,9 +339,16 @@ class Trainer:
         c = self.cfg
         params = sum(p.numel() for p in self.moco.encoder_q.parameters()) / 1e6
         resumed = f", resumed from {self.resumed_from.name} (step {self.step})" if self.resumed_from else ""
+        if self.resumed_processes is not None:
+            resumed += (f" written by {self.resumed_processes} processes, now {self.acc.num_processes}: the "
+                        f"effective batch {c.train.batch_size} is unchanged (moco.key_chunks is per process)")
+        per_process = c.accum_steps // self.acc.num_processes
         return (f"MoCo v2 {c.model.arch} ({params:.1f}M params) on {self.device}, precision {self.acc.mixed_precision}"
-                f" | batch {c.train.batch_size} = {c.micro_batch} x {c.accum_steps} micro-batches"
-                f" x {self.acc.num_processes} processes, {c.moco.key_chunks} key chunks, K {c.moco.queue_size}"
+                f" | batch {c.train.batch_size} = {c.micro_batch} x {per_process} micro-batches"
+                f" x {self.acc.num_processes} processes, {c.moco.key_chunks} key chunks"
+                f"{' per process' if self.acc.num_processes > 1 else ''}"
+                f"{', shuffled across processes' if self.acc.num_processes > 1 and c.moco.shuffle_across_processes else ''}"
+                f", K {c.moco.queue_size}"
                 f" | {len(self.data.train)} images, {self.steps_per_epoch} steps/epoch, {c.train.epochs} epochs"
                 f" | output {self.out}{resumed}")
 

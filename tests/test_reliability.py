@@ -1,0 +1,180 @@
+"""A run survives being killed, damaged checkpoints, non-finite losses and user mistakes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowmem_moco.checkpoint import list_checkpoints, load_latest, read_checkpoint, save_checkpoint
+from lowmem_moco.cli import main
+from lowmem_moco.config import load_config
+from lowmem_moco.errors import CheckpointError, UserError
+from lowmem_moco.step import MoCoStep, StepResult
+from lowmem_moco.train import Trainer, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.source=synthetic", "data.synthetic_size=128", "data.image_size=32", "data.num_workers=0",
+        "model.arch=test_resnet", "model.dim=16", "moco.queue_size=64", "moco.key_chunks=2",
+        "train.batch_size=32", "train.micro_batch_size=16", "train.epochs=3", "eval.knn_every=0"]
+
+
+def tiny(out, *extra):
+    return load_config(None, [*TINY, f"output_dir={out}", *extra])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_round_trip_exactly_and_only_the_newest_are_kept(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.tensor(2.5, dtype=torch.bfloat16)}
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, tensors, {"step": step, "note": [1, "x"]}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000002.safetensors", "step-000000003.safetensors"]
+    loaded, meta, path = load_latest(tmp_path)
+    assert meta["step"] == 3 and meta["note"] == [1, "x"]
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    assert not any(p.name.endswith(".tmp") for p in path.parent.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path, damage):
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, {"w": torch.full((1000,), float(step))}, {"step": step})
+    newest = list_checkpoints(tmp_path)[-1]
+    data = bytearray(newest.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[-10] ^= 0xFF  # one bit pattern changed inside the tensor bytes
+    newest.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError):
+        read_checkpoint(newest)
+    with pytest.warns(UserWarning, match="falling back to the previous checkpoint"):
+        tensors, meta, path = load_latest(tmp_path)
+    assert meta["step"] == 1 and path.name == "step-000000001.safetensors"
+
+
+def test_only_damaged_checkpoints_is_a_clear_error(tmp_path):
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(10)}, {"step": 1})
+    list_checkpoints(tmp_path)[0].write_bytes(b"garbage")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CheckpointError, match="every checkpoint .* is damaged"):
+            load_latest(tmp_path)
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_then_rerun_gives_the_uninterrupted_result(tmp_path):
+    recipe, args = REPO / "recipes/demo.yaml", [*TINY, "train.checkpoint_every=1", "train.epochs=2"]
+    train(load_config(recipe, [*args, f"output_dir={tmp_path / 'whole'}"]))
+    cmd = [sys.executable, "-m", "lowmem_moco", "train", str(recipe), *args, f"output_dir={tmp_path / 'killed'}"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(list_checkpoints(tmp_path / "killed")) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-step, possibly mid-write
+    proc.wait()
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    a, _, _ = load_latest(tmp_path / "whole")
+    b, _, _ = load_latest(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- non-finite losses
+
+
+def test_non_finite_steps_are_counted_and_too_many_stop_the_run_keeping_the_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(tiny(tmp_path, "train.max_nonfinite_steps=3", "train.checkpoint_every=1"))
+    real_step = MoCoStep.__call__
+    calls = {"n": 0}
+
+    def flaky(self, *args):
+        calls["n"] += 1
+        return real_step(self, *args) if calls["n"] <= 2 else StepResult(float("nan"), skipped=True)
+
+    monkeypatch.setattr(MoCoStep, "__call__", flaky)
+    with pytest.raises(UserError, match="not finite for 3 steps in a row .* Lower train.lr"):
+        trainer.fit()
+    assert load_latest(tmp_path)[1]["step"] >= 2  # the last good checkpoint is still there
+
+
+# ---------------------------------------------------------------- user mistakes
+
+
+def test_output_dir_that_cannot_be_created_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match="is not writable"):
+        Trainer(tiny(blocker / "run"))
+
+
+def test_data_set_smaller_than_one_batch(tmp_path):
+    with pytest.raises(UserError, match="fewer than one batch"):
+        Trainer(tiny(tmp_path, "data.synthetic_size=16"))
+
+
+def test_resume_with_another_effective_batch_is_refused(tmp_path):
+    train(tiny(tmp_path, "train.max_steps=1"))
+    with pytest.raises(CheckpointError, match="train.batch_size=32"):
+        Trainer(tiny(tmp_path, "train.batch_size=64", "moco.queue_size=128"))
+
+
+def test_out_of_memory_names_the_fit_finder_and_the_overrides(tmp_path, monkeypatch):
+    trainer = Trainer(tiny(tmp_path))
+
+    def oom(self, *args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(MoCoStep, "__call__", oom)
+    with pytest.raises(UserError, match=r"python -m benchmarks fit .* train.micro_batch_size=8"):
+        trainer.fit()
+
+
+def test_cli_hides_tracebacks_unless_debug(tmp_path, capsys):
+    args = ["train", str(REPO / "recipes/demo.yaml"), "moco.key_chunks=1000"]
+    assert main(args) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    with pytest.raises(UserError):
+        main(["--debug", *args])
+
+
+# ---------------------------------------------------------------- soak
+
+
+def _rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.slow
+def test_soak_2000_steps_memory_and_speed_stay_flat():
+    """No leaked graphs, no queue growth: RSS and step time at the end match the start."""
+    from accelerate import Accelerator
+
+    from lowmem_moco.moco import MoCo
+
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 16))
+    moco = MoCo(encoder, queue_size=256, dim=16)
+    opt = torch.optim.SGD(moco.encoder_q.parameters(), lr=0.01, momentum=0.9)
+    step = MoCoStep(moco, opt, Accelerator(cpu=True), micro_batch=8, key_chunks=2, temperature=0.2)
+    x = torch.randn(16, 3, 8, 8)
+    rss, times = [], []
+    for i in range(2000):
+        t0 = time.perf_counter()
+        step(x, x.flip(3), 0.99)
+        times.append(time.perf_counter() - t0)
+        if i in (200, 1999):
+            rss.append(_rss_mb())
+    assert moco.queue.shape == (256, 16)
+    assert rss[1] - rss[0] < 20, f"memory grew from {rss[0]:.0f} to {rss[1]:.0f} MB"
+    early, late = sorted(times[100:600])[250], sorted(times[-500:])[250]
+    assert late < 2.0 * early, f"median step time grew from {early * 1e3:.2f} to {late * 1e3:.2f} ms"
