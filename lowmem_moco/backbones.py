@@ -9,6 +9,9 @@ import difflib
 
 import timm
 import torch
+import torch.utils.checkpoint
+from timm.models import checkpoint_seq
+from timm.models.resnet import ResNet
 from torch import nn
 
 from .errors import ConfigError
@@ -56,12 +59,37 @@ def make_small_image_stem(model: nn.Module, arch: str = "") -> nn.Module:
 
 
 def enable_grad_checkpointing(model: nn.Module, arch: str) -> None:
-    """timm's activation checkpointing; families without it get a clear message."""
+    """timm's activation checkpointing (plus a ResNet's stem); families without it get a clear message."""
     try:
         model.set_grad_checkpointing(True)
     except (AssertionError, NotImplementedError, AttributeError) as err:
         raise ConfigError(f"{arch} does not support gradient checkpointing in timm ({err or 'not implemented'}); "
                           f"set train.grad_checkpointing=false or pick another model.arch") from None
+    if isinstance(model, ResNet):
+        # A class swap, not a patched attribute: a deep copy (the key encoder) then runs its own layers.
+        model.__class__ = _STEM_CHECKPOINTED.setdefault(
+            type(model), type(f"StemCheckpointed{type(model).__name__}", (_StemCheckpointed, type(model)), {}))
+
+
+class _StemCheckpointed:
+    """timm checkpoints a ResNet's stages but not its stem, whose full-resolution outputs
+    (conv, BatchNorm, activation, max-pool indices) are about 40% of the activations left."""
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.act1(self.bn1(self.conv1(x))))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        stages = [self.layer1, self.layer2, self.layer3, self.layer4]
+        if not torch.is_grad_enabled():
+            for module in [self._stem, *stages]:
+                x = module(x)
+            return x
+        # Non-reentrant: the input images do not require grad.
+        x = torch.utils.checkpoint.checkpoint(self._stem, x, use_reentrant=False)
+        return checkpoint_seq(stages, x, flatten=True)
+
+
+_STEM_CHECKPOINTED: dict[type, type] = {}
 
 
 class MLPHead(nn.Sequential):

@@ -48,3 +48,20 @@ def test_family_without_checkpointing_gets_a_clear_message():
 
     with pytest.raises(ConfigError, match="train.grad_checkpointing=false"):
         enable_grad_checkpointing(NoCheckpointing(), "somenet")
+
+
+def test_checkpointed_resnet_keeps_its_names_and_a_deep_copy_runs_its_own_weights():
+    import copy
+
+    enc = build_encoder("resnet10t", image_size=32, small_image_stem=False, dim=8)
+    names = list(enc.state_dict())
+    enable_grad_checkpointing(enc.backbone, "resnet10t")
+    assert list(enc.state_dict()) == names  # the exported weights keep timm's names
+    twin = copy.deepcopy(enc)
+    with torch.no_grad():
+        twin.backbone.conv1[0].weight.mul_(-1.0)
+        x = torch.randn(2, 3, 32, 32)
+        assert not torch.allclose(enc(x), twin(x))
+    x.requires_grad_(False)
+    enc(x).sum().backward()  # checkpointed stem and stages under autograd
+    assert enc.backbone.conv1[0].weight.grad is not None

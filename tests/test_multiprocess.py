@@ -161,7 +161,7 @@ def assert_close(a: dict, b: dict, what: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_equal_each_other_and_the_single_process_trainer(tmp_path, monkeypatch):
+def test_two_processes_equal_each_other_and_the_single_process_trainer(tmp_path, monkeypatch, request):
     started = time.perf_counter()
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
            "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
@@ -173,6 +173,8 @@ def test_two_processes_equal_each_other_and_the_single_process_trainer(tmp_path,
     assert proc.stdout.count("MoCo v2 test_efficientnet") == 2  # the summary: main process only, once per run
     assert "x 2 micro-batches x 2 processes, 2 key chunks per process, shuffled across processes" in proc.stdout
 
+    threads = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     torch.set_num_threads(1)  # as in the launched processes, for the same fp32 summation order
     for shuffle in (False, True):
         run_dir = tmp_path / "ddp" / f"shuffle-{shuffle}"

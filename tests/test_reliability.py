@@ -72,10 +72,13 @@ def test_only_damaged_checkpoints_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_at_any_moment_then_rerun_gives_the_uninterrupted_result(tmp_path):
-    recipe, args = REPO / "recipes/demo.yaml", [*TINY, "train.checkpoint_every=1", "train.epochs=2"]
-    train(load_config(recipe, [*args, f"output_dir={tmp_path / 'whole'}"]))
-    cmd = [sys.executable, "-m", "lowmem_moco", "train", str(recipe), *args, f"output_dir={tmp_path / 'killed'}"]
+    def command(out):  # both runs in fresh processes, so both use the same threads and kernels
+        return [sys.executable, "-m", "lowmem_moco", "train", str(REPO / "recipes/demo.yaml"), *TINY,
+                "train.checkpoint_every=1", "train.epochs=2", f"output_dir={out}"]
+
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    assert subprocess.run(command(tmp_path / "whole"), env=env, capture_output=True).returncode == 0
+    cmd = command(tmp_path / "killed")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while len(list_checkpoints(tmp_path / "killed")) < 2 and time.time() < deadline:

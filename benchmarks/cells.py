@@ -1,0 +1,179 @@
+"""A grid cell (one configuration) and the training step it measures.
+
+Three kinds of step, on the same random images:
+    lowmem      the project's step: lowmem_moco.step.MoCoStep, set up as lowmem_moco/train.py does
+    naive       the blog-post loop of benchmarks/naive.py (fp32 only)
+    supervised  timm's plain training step: forward, cross-entropy, backward, SGD step
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, fields
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lowmem_moco.backbones import build_encoder, enable_grad_checkpointing
+from lowmem_moco.config import Config
+from lowmem_moco.moco import MoCo
+
+KINDS = ("lowmem", "naive", "supervised")
+DEFAULTS = Config()  # hyper-parameters come from the project's defaults, for both MoCo steps
+
+
+@dataclass(frozen=True)
+class Cell:
+    kind: str = "lowmem"
+    arch: str = "resnet18"
+    image_size: int = 128
+    micro_batch: int = 128
+    batch: int = 0  # effective batch (one optimizer step); 0: the micro-batch
+    precision: str = "no"  # no | fp16 | bf16
+    checkpointing: bool = False
+    key_chunks: int = 8  # lowmem only
+    channels_last: bool = False
+    queue_size: int = 4096
+    small_image_stem: bool = False
+    timed: bool = True  # False: memory only (saves time on a CPU)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown cell kind {self.kind!r}; use one of {KINDS}")
+        if not self.batch:
+            object.__setattr__(self, "batch", self.micro_batch)
+        if self.batch % self.micro_batch:
+            raise ValueError(f"batch {self.batch} is not a multiple of micro-batch {self.micro_batch}")
+        if self.kind == "naive" and (self.precision != "no" or self.checkpointing or self.batch != self.micro_batch):
+            raise ValueError("the naive baseline is fp32, without checkpointing or accumulation")
+
+    @property
+    def group(self) -> str:
+        """The configuration without its micro-batch: one line of the memory plot, one slope.
+        The effective batch B is part of a lowmem configuration (its micro-batches split it);
+        the naive and supervised steps have no accumulation, so their B is the micro-batch."""
+        parts = [self.kind, self.arch, f"{self.image_size}px", {"no": "fp32"}.get(self.precision, self.precision)]
+        if self.kind == "lowmem":
+            parts += [f"B{self.batch}", "ckpt" if self.checkpointing else "no-ckpt", f"{self.key_chunks}ch"]
+        if self.channels_last:
+            parts.append("NHWC")
+        return " ".join(parts)
+
+    @property
+    def label(self) -> str:
+        return f"{self.group} mb{self.micro_batch}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Cell":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _autocast(cell: Cell, device: torch.device):
+    if cell.precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if cell.precision == "fp16" else torch.bfloat16)
+
+
+def _images(cell: Cell, device: torch.device, n: int) -> torch.Tensor:
+    fmt = torch.channels_last if cell.channels_last else torch.contiguous_format
+    return torch.randn(n, 3, cell.image_size, cell.image_size, device=device).contiguous(memory_format=fmt)
+
+
+def _sgd(params, cfg: Config = DEFAULTS) -> torch.optim.Optimizer:
+    # train.build_optimizer's SGD, restated so the suite runs while train.py changes
+    return torch.optim.SGD(params, lr=cfg.train.lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
+
+
+@dataclass
+class Workload:
+    """What a measurement needs: the step, and the objects whose tensors count."""
+    step: Callable[[], float]  # one optimizer step; returns the loss
+    modules: list  # modules whose parameters/buffers exist before the step
+    optimizer: torch.optim.Optimizer
+    inputs: list  # the batch tensors handed to the step
+    prime: Callable[[], None]  # creates the optimizer state without a full step
+
+
+def build(cell: Cell, device: torch.device) -> Workload:
+    torch.manual_seed(0)
+    return {"lowmem": _lowmem, "naive": _naive, "supervised": _supervised}[cell.kind](cell, device)
+
+
+def _prime(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """A step with zero gradients: allocates SGD's momentum buffers so that a measured first
+    step holds the same optimizer state as a step in the middle of training."""
+    def prime():
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return prime
+
+
+def _lowmem(cell: Cell, device: torch.device) -> Workload:
+    from accelerate import Accelerator
+
+    from lowmem_moco.step import MoCoStep
+
+    cfg = DEFAULTS
+    encoder = build_encoder(cell.arch, cell.image_size, cell.small_image_stem, cfg.model.dim)
+    if cell.checkpointing:
+        enable_grad_checkpointing(encoder.backbone, cell.arch)
+    moco = MoCo(encoder, cell.queue_size, cfg.model.dim).to(device)
+    if cell.channels_last:
+        moco.to(memory_format=torch.channels_last)
+    acc = Accelerator(mixed_precision=cell.precision, cpu=device.type == "cpu")
+    encoder_q, optimizer = acc.prepare(moco.encoder_q, _sgd(moco.encoder_q.parameters()))
+    step_fn = MoCoStep(moco, optimizer, acc, micro_batch=cell.micro_batch, key_chunks=cell.key_chunks,
+                       temperature=cfg.moco.temperature, encoder_q=encoder_q,
+                       guard_bn_stats=cell.checkpointing)
+    view_q, view_k = _images(cell, device, cell.batch), _images(cell, device, cell.batch)
+    shuffle = torch.Generator().manual_seed(1)
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the real one
+    return Workload(step=lambda: step_fn(view_q, view_k, cfg.moco.momentum, shuffle).loss,
+                    modules=[moco], optimizer=inner, inputs=[view_q, view_k], prime=_prime(inner))
+
+
+def _naive(cell: Cell, device: torch.device) -> Workload:
+    from .naive import NaiveMoCo
+
+    cfg = DEFAULTS
+    encoder = build_encoder(cell.arch, cell.image_size, cell.small_image_stem, cfg.model.dim).to(device)
+    if cell.channels_last:
+        encoder.to(memory_format=torch.channels_last)
+    optimizer = _sgd(encoder.parameters())
+    naive = NaiveMoCo(encoder, optimizer, cell.queue_size, cfg.model.dim, cfg.moco.temperature,
+                      cfg.moco.momentum, device)
+    x_q, x_k = _images(cell, device, cell.batch), _images(cell, device, cell.batch)
+    return Workload(step=lambda: naive(x_q, x_k), modules=[naive.encoder_q, naive.encoder_k],
+                    optimizer=optimizer, inputs=[x_q, x_k, naive.queue], prime=_prime(optimizer))
+
+
+def _supervised(cell: Cell, device: torch.device) -> Workload:
+    import timm
+
+    model = timm.create_model(cell.arch, num_classes=1000).to(device)
+    if cell.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = _sgd(model.parameters())
+    scaler = torch.amp.GradScaler(device.type, enabled=cell.precision == "fp16")
+    images = _images(cell, device, cell.batch)
+    labels = torch.randint(0, 1000, (cell.batch,), device=device)
+
+    def step() -> float:
+        with _autocast(cell, device):
+            loss = F.cross_entropy(model(images), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return Workload(step=step, modules=[model], optimizer=optimizer, inputs=[images, labels],
+                    prime=_prime(optimizer))

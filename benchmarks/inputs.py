@@ -1,0 +1,83 @@
+"""Images per second that the training input alone delivers (two views per image).
+
+Set beside a step's images/s, it tells whether data or compute limits training. It times the
+trainer's own input, `lowmem_moco.pipeline.build_pipeline`, once per `data.augment` mode:
+
+    per_image  PIL images augmented one by one in DataLoader workers
+    batched    a decoded uint8 cache, each batch augmented in one pass on the device
+
+The data comes from `data.source` (default `synthetic`) or an image folder. A mode that
+lowmem_moco does not offer (yet) is reported as 'not measured' with the reason, never as a
+failure of the suite. `benchmarks/data_pipeline.py` compares these paths in more detail, on
+real CIFAR-10 JPEG files.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import torch
+
+
+def _rate(batches, n_batches: int, batch: int, sync) -> float:
+    """images/s over `n_batches`, after one untimed batch (worker start-up, caches)."""
+    it = iter(batches)
+    next(it)
+    sync()
+    start = time.perf_counter()
+    for _ in range(n_batches):
+        next(it)
+    sync()
+    return n_batches * batch / (time.perf_counter() - start)
+
+
+def _measure(mode: str, image_size: int, source: str, root: str | None, batch: int, n_batches: int,
+             num_workers: int | None, device: torch.device, cache_dir: str) -> dict:
+    from lowmem_moco.config import Config, validate
+    from lowmem_moco.data import build_datasets
+    from lowmem_moco.pipeline import build_pipeline
+
+    cfg = Config()
+    d = cfg.data
+    d.source, d.image_size, d.augment, d.download, d.cache_dir = source, image_size, mode, False, cache_dir
+    d.synthetic_size = batch * (n_batches + 2)  # only what the timed batches need
+    if root:
+        d.root = root
+    if num_workers is not None:
+        d.num_workers = num_workers
+    cfg.train.batch_size = batch
+    validate(cfg)  # an unknown mode stops here, with the config's own message
+    data = build_datasets(d)
+    started = time.perf_counter()
+    pipeline = build_pipeline(data.train, cfg, device)  # the batched mode builds its cache here
+    setup_s = time.perf_counter() - started
+    n_batches = min(n_batches, len(pipeline) // batch - 1)
+    if n_batches < 1:
+        raise ValueError(f"{len(pipeline)} images are too few for two batches of {batch}")
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    return dict(images_per_s=_rate(pipeline.epoch(0, 0), n_batches, batch, sync), setup_s=setup_s,
+                images=len(pipeline), num_workers=d.workers, timed_batches=n_batches)
+
+
+def measure_inputs(image_size: int, source: str = "synthetic", root: str | None = None, batch: int = 64,
+                   n_batches: int = 8, num_workers: int | None = None, device: str = "cpu",
+                   modes: tuple[str, ...] = ("per_image", "batched"), threads: int | None = None) -> list[dict]:
+    out = []
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)  # the batched mode augments in this process
+    with tempfile.TemporaryDirectory(prefix="lowmem-moco-bench-cache-") as cache_dir:
+        for mode in modes:
+            record = dict(augment=mode, source=source if not root else "folder", image_size=image_size,
+                          batch=batch, device=device)
+            try:
+                record.update(_measure(mode, image_size, source, root, batch, n_batches, num_workers,
+                                       torch.device(device), cache_dir))
+            except ImportError as err:
+                record.update(images_per_s=None, note=f"lowmem_moco has no training input to time ({err})")
+            except Exception as err:  # a mode being written may fail; the rest of the report stands
+                record.update(images_per_s=None, note=f"{type(err).__name__}: {err}")
+            out.append(record)
+    torch.set_num_threads(before)
+    return out

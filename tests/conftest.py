@@ -1,0 +1,30 @@
+"""Shared test fixtures: a small real image folder cut from the CIFAR-10 JPEG tarball."""
+
+from __future__ import annotations
+
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+CIFAR_TARBALL = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-train-jpeg.tar.gz"
+IMAGES_PER_CLASS = 40
+SAFE = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # no paths out of the folder
+
+
+@pytest.fixture(scope="session")
+def cifar_folder(tmp_path_factory) -> Path:
+    """Folder holding 10 CIFAR-10 class folders of IMAGES_PER_CLASS JPEGs each (train/<class>/NNNN.jpg)."""
+    if not CIFAR_TARBALL.is_file():
+        pytest.skip(f"CIFAR-10 JPEG tarball not found at {CIFAR_TARBALL}")
+    out = tmp_path_factory.mktemp("cifar")
+    taken: Counter = Counter()
+    with tarfile.open(CIFAR_TARBALL) as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) != 3 or taken[parts[1]] >= IMAGES_PER_CLASS:
+                continue
+            taken[parts[1]] += 1
+            tar.extract(member, out, **SAFE)
+    return out / "train"

@@ -1,0 +1,126 @@
+"""The benchmark suite end to end on a tiny grid, plus its small pure parts.
+
+Figures are not asserted (they depend on the machine); only that every cell has them and
+that the report files are written.
+"""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from benchmarks.cells import Cell
+from benchmarks.fit import largest_fitting, overrides
+from benchmarks.measure import measure
+from benchmarks.naive import NaiveMoCo
+from benchmarks.suite import derive, run_suite
+from benchmarks.targets import check
+from lowmem_moco.backbones import build_encoder
+
+TINY = dict(arch="test_resnet", image_size=32, queue_size=64, key_chunks=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP threads stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_suite_on_a_tiny_grid_writes_every_report(tmp_path):
+    cells = [Cell("naive", micro_batch=4, **TINY), Cell("lowmem", micro_batch=4, batch=8, checkpointing=True, **TINY)]
+    data_input = dict(image_size=32, batch=16, n_batches=2, num_workers=0)
+    report = run_suite(cells, tmp_path, warmup=0, repeats=1, data_input=data_input, stem="tiny", show=False,
+                       threads=1, interleave=False)  # one process per cell: fewer start-ups, a faster test
+
+    assert (tmp_path / "tiny.json").is_file() and (tmp_path / "tiny.md").is_file()
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "tiny.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "tiny.json").read_text())
+    assert saved["environment"]["torch"] == torch.__version__
+    assert len(saved["cells"]) == 2
+    for cell in saved["cells"]:
+        assert "error" not in cell, cell.get("error")
+        for key in ("peak_mb", "peak_no_input_mb", "rss_peak_mb", "images_per_s", "step_s"):
+            assert cell[key] > 0, key
+        assert {"params", "grads", "optimizer", "activations", "inputs"} <= set(cell["breakdown_mb"])
+    table = (tmp_path / "tiny.md").read_text()
+    assert all(c["group"] in table for c in saved["cells"])
+    assert report["targets"] and all(t["status"] == "not measured" for t in report["targets"])
+    # one record per data.augment mode: a figure, or the reason there is none
+    assert [r["augment"] for r in saved["data_input"]] == ["per_image", "batched"]
+    assert all(r["images_per_s"] or r["note"] for r in saved["data_input"])
+
+
+def test_interleaved_timing_gives_every_cell_its_own_figures():
+    cells = [Cell("naive", micro_batch=4, **TINY), Cell("supervised", arch="test_resnet", image_size=32, micro_batch=4)]
+    out = measure(None, cells, torch.device("cpu"), warmup=0, repeats=2)
+    assert out["memory"] is None and len(out["time"]) == 2
+    for t in out["time"]:
+        assert len(t["step_s_all"]) == 2 and t["images_per_s"] > 0 and t["timed_with"] == 2
+
+
+def test_naive_step_keeps_k_keys_and_leaves_the_key_encoder_without_gradients():
+    torch.manual_seed(0)
+    encoder = build_encoder("test_resnet", 32, False, 16)
+    naive = NaiveMoCo(encoder, torch.optim.SGD(encoder.parameters(), lr=0.1), queue_size=12, dim=16,
+                      temperature=0.2, momentum=0.9, device=torch.device("cpu"))
+    for _ in range(2):
+        loss = naive(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+    assert torch.isfinite(torch.tensor(loss))
+    assert naive.queue.shape == (12, 16)
+    assert all(p.grad is None for p in naive.encoder_k.parameters())
+
+
+def test_largest_fitting_is_a_binary_search_over_sorted_candidates():
+    sizes = [2, 4, 8, 16, 32, 64, 128, 256]
+    asked = []
+
+    def fits(mb):
+        asked.append(mb)
+        return mb <= 40
+
+    assert largest_fitting(sizes, fits) == 32
+    assert len(asked) <= 4
+    assert largest_fitting(sizes, lambda mb: False) is None
+    assert largest_fitting(sizes, lambda mb: True) == 256
+
+
+def test_overrides_are_recipe_keys():
+    text = overrides(dict(batch=256, micro_batch=64, key_chunks=8, precision="bf16", checkpointing=True,
+                          channels_last=False))
+    assert text.split() == ["train.batch_size=256", "train.micro_batch_size=64", "moco.key_chunks=8",
+                            "train.precision=bf16", "train.grad_checkpointing=true", "train.channels_last=false"]
+
+
+def _record(cell: Cell, **figures) -> dict:
+    return dict(label=cell.label, group=cell.group, **cell.to_dict(), **figures)
+
+
+def test_targets_compare_the_named_cells():
+    base = dict(arch="resnet18", image_size=128, micro_batch=128, queue_size=4096)
+    cells = [
+        _record(Cell("naive", **base), peak_mb=2000.0, peak_no_input_mb=1950.0, images_per_s=10.0),
+        _record(Cell("lowmem", checkpointing=True, **base), peak_mb=700.0, peak_no_input_mb=650.0),
+        _record(Cell("lowmem", checkpointing=False, **base), peak_mb=1000.0, images_per_s=9.5),
+        _record(Cell("lowmem", checkpointing=True, batch=256, **base), peak_mb=760.0, peak_no_input_mb=660.0),
+    ]
+    results = {t["name"].split(":")[0]: t for t in check(cells, "cpu")}
+    assert results["memory"]["status"] == "PASS" and results["memory"]["value"] == pytest.approx(0.35)
+    assert results["speed"]["status"] == "PASS" and results["speed"]["value"] == pytest.approx(0.95)
+    assert results["accumulation"]["status"] == "MISS"
+
+
+def test_derive_adds_slope_and_fraction_of_the_supervised_step():
+    base = dict(arch="resnet18", image_size=64, batch=64)
+    cells = [_record(Cell("lowmem", micro_batch=16, **base), peak_mb=100.0),
+             _record(Cell("lowmem", micro_batch=64, **base), peak_mb=250.0, images_per_s=30.0),
+             _record(Cell("supervised", arch="resnet18", image_size=64, micro_batch=64), peak_mb=90.0,
+                     images_per_s=40.0)]
+    derive(cells)
+    assert cells[0]["slope_mb_per_image"] == pytest.approx(150 / 48)
+    assert cells[1]["vs_supervised"] == pytest.approx(0.75)
+    assert cells[1]["vs_limit"] == pytest.approx(1.0)
