@@ -95,7 +95,7 @@ def data_for(image_size: int, count: int, work_dir: Path, tarball: Path = TARBAL
 # ---------------------------------------------------------------------- timing
 
 
-def _rate(batches, n_batches: int, batch: int, sync=lambda: None) -> float:
+def images_per_second(batches, n_batches: int, batch: int, sync=lambda: None) -> float:
     """Two-view images/s over n_batches, after one untimed batch (worker start-up, caches)."""
     it = iter(batches)
     next(it)
@@ -139,7 +139,7 @@ def measure_pipeline(image_size: int, images: int = 5000, batch: int = 256, n_ba
 
     views = TwoViews(data, mocov2_transform(image_size), "skip")  # the training loader's data set
     loader = torch.utils.data.DataLoader(views, batch_sampler=keys, num_workers=workers)
-    result["per_image"] = _rate(loader, n_batches, batch)
+    result["per_image"] = images_per_second(loader, n_batches, batch)
 
     started = time.perf_counter()
     cache = DecodedCache.open_or_build(data, work_dir / "cache", image_size, name=root.parent.name,
@@ -156,18 +156,18 @@ def measure_pipeline(image_size: int, images: int = 5000, batch: int = 256, n_ba
 
     if "cpu" in devices:
         threads = torch.get_num_threads()
-        result["batched_cpu"] = _rate(on(torch.device("cpu")), n_batches, batch)
+        result["batched_cpu"] = images_per_second(on(torch.device("cpu")), n_batches, batch)
         if threads > 1:  # several threads stall when other processes share the cores: show one too
             torch.set_num_threads(1)
             try:
-                result["batched_cpu_1thread"] = _rate(on(torch.device("cpu")), n_batches, batch)
+                result["batched_cpu_1thread"] = images_per_second(on(torch.device("cpu")), n_batches, batch)
             finally:
                 torch.set_num_threads(threads)
         in_workers = cache.loader(keys, num_workers=workers, transform=_ViewsInWorker(image_size))
-        result["batched_cpu_workers"] = _rate(in_workers, n_batches, batch)
+        result["batched_cpu_workers"] = images_per_second(in_workers, n_batches, batch)
     if "cuda" in devices and torch.cuda.is_available():
         device = torch.device("cuda")
-        result["batched_cuda"] = _rate(on(device), n_batches, batch, lambda: torch.cuda.synchronize(device))
+        result["batched_cuda"] = images_per_second(on(device), n_batches, batch, lambda: torch.cuda.synchronize(device))
         result["cuda_device"] = torch.cuda.get_device_name(device)
     best = max(result.get(k, 0.0) for k in ("batched_cpu", "batched_cpu_1thread", "batched_cpu_workers"))
     result["cpu_speedup"] = round(best / result["per_image"], 2) if best else None

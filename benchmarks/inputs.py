@@ -19,17 +19,7 @@ import time
 
 import torch
 
-
-def _rate(batches, n_batches: int, batch: int, sync) -> float:
-    """images/s over `n_batches`, after one untimed batch (worker start-up, caches)."""
-    it = iter(batches)
-    next(it)
-    sync()
-    start = time.perf_counter()
-    for _ in range(n_batches):
-        next(it)
-    sync()
-    return n_batches * batch / (time.perf_counter() - start)
+from .data_pipeline import images_per_second
 
 
 def _measure(mode: str, image_size: int, source: str, root: str | None, batch: int, n_batches: int,
@@ -56,7 +46,7 @@ def _measure(mode: str, image_size: int, source: str, root: str | None, batch: i
     if n_batches < 1:
         raise ValueError(f"{len(pipeline)} images are too few for two batches of {batch}")
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    return dict(images_per_s=_rate(pipeline.epoch(0, 0), n_batches, batch, sync), setup_s=setup_s,
+    return dict(images_per_s=images_per_second(pipeline.epoch(0, 0), n_batches, batch, sync), setup_s=setup_s,
                 images=len(pipeline), num_workers=d.workers, timed_batches=n_batches)
 
 
