@@ -118,7 +118,6 @@ class Trainer:
                             f"--multi_gpu --num_processes {launched} ...")
         if self.main:
             prepare_output_dir(self.out)
-        set_seed(cfg.train.seed)
 
         self.data = build_datasets(cfg.data)
         world = self.acc.num_processes
@@ -143,6 +142,9 @@ class Trainer:
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
 
         m = cfg.model
+        # Seeded right before the model: its initialisation must not depend on whether the data
+        # step above had work to do (a cache build draws random numbers, a cache hit does not).
+        set_seed(cfg.train.seed)
         encoder = build_encoder(m.arch, cfg.data.image_size, m.small_image_stem, m.dim, m.head_hidden_dim)
         if cfg.train.grad_checkpointing:
             enable_grad_checkpointing(encoder.backbone, m.arch)
