@@ -43,7 +43,7 @@ class RandomGaussianBlur:
         half = self.kernel_size // 2
         src = torch.arange(n)[:, None] + torch.arange(-half, half + 1)[None, :]  # out i, tap t -> input index
         src = src.abs()  # reflect at the start ...
-        src = torch.where(src > n - 1, 2 * (n - 1) - src, src)  # ... and at the end
+        src = torch.where(src > n - 1, 2 * (n - 1) - src, src).clamp(0, n - 1)  # ... and at the end
         out = torch.arange(n)[:, None].expand_as(src)
         matrix = torch.zeros(n, n)
         matrix.index_put_((src.reshape(-1), out.reshape(-1)), taps.repeat(n), accumulate=True)

@@ -217,6 +217,8 @@ def test_two_views_are_a_function_of_index_and_seed(synthetic):
     assert q1.shape == (3, 32, 32) and q1.dtype == torch.float32 and skipped == 0
     assert torch.equal(q1, q2) and torch.equal(k1, k2)
     assert not torch.equal(q1, k1) and not torch.equal(q1, q3)
+    with pytest.raises(TypeError, match="SeededShuffle"):
+        views[5]
 
 
 def test_views_do_not_depend_on_batch_or_worker(synthetic):
