@@ -3,7 +3,6 @@
 import copy
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator

@@ -1,6 +1,5 @@
 """A run survives being killed, damaged checkpoints, non-finite losses and user mistakes."""
 
-import json
 import os
 import signal
 import subprocess
