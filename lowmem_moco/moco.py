@@ -77,6 +77,15 @@ def bn_snapshot(module: nn.Module) -> list[tuple[nn.Module, torch.Tensor, torch.
 
 
 @torch.no_grad()
+def restore_bn(snapshot: list) -> None:
+    """Put back the running statistics a `bn_snapshot` recorded."""
+    for m, mean, var, n in snapshot:
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+        m.num_batches_tracked.fill_(n)
+
+
+@torch.no_grad()
 def merge_bn_stats(snapshot: list, accelerator) -> None:
     """Set the running statistics, on every process, to what one process would hold had it run
     all processes' forward passes since `snapshot` one after another in rank order.

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .keys import encode_batch_keys
-from .moco import MoCo, bn_snapshot, info_nce, merge_bn_stats
+from .moco import MoCo, bn_snapshot, info_nce, merge_bn_stats, restore_bn
 
 
 @dataclass
@@ -50,9 +50,7 @@ class MoCoStep:
         self.shuffle_across_processes = shuffle_across_processes
         # Checkpointing re-runs the forward in backward, which would update BatchNorm running
         # statistics twice; they are put back after each backward.
-        self.bn_layers = [m for m in moco.encoder_q.modules()
-                          if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-                          ] if guard_bn_stats else []
+        self.guard_bn_stats = guard_bn_stats
 
     def __call__(self, view_q: torch.Tensor, view_k: torch.Tensor, momentum: float,
                  generator: torch.Generator | None = None) -> StepResult:
@@ -80,10 +78,9 @@ class MoCoStep:
                     with acc.autocast():
                         q = self.encoder_q(images[part])
                     loss = info_nce(q, keys[part], queue, self.temperature) / n_micro
-                    saved = [self._bn_state(m) for m in self.bn_layers]
+                    saved = bn_snapshot(moco.encoder_q) if self.guard_bn_stats else []
                     acc.backward(loss)
-                    for m, state in zip(self.bn_layers, saved):
-                        self._restore_bn_state(m, state)
+                    restore_bn(saved)
                     total += loss.detach()
 
         merge_bn_stats(bn_before, acc)
@@ -97,12 +94,3 @@ class MoCoStep:
         self.optimizer.zero_grad(set_to_none=True)
         moco.enqueue(torch.cat([all_q, all_k]) if self.symmetric else all_k)
         return StepResult(loss_value, skipped=False)
-
-    @staticmethod
-    def _bn_state(m: nn.Module) -> list[torch.Tensor]:
-        return [m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()]
-
-    @staticmethod
-    def _restore_bn_state(m: nn.Module, state: list[torch.Tensor]) -> None:
-        for buf, saved in zip((m.running_mean, m.running_var, m.num_batches_tracked), state):
-            buf.copy_(saved)
