@@ -79,6 +79,17 @@ def mocov2_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     ])
 
 
+def linear_train_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """Training view of the paper's linear protocol: random resized crop and flip."""
+    return v2.Compose([
+        v2.RandomResizedCrop(image_size, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
 class _EvalView:
     """Resize, centre-crop and normalise; a class (not a closure) so workers can pickle it."""
 

@@ -17,17 +17,28 @@ from torch import nn
 from .errors import ConfigError
 
 
-def create_backbone(arch: str, image_size: int, small_image_stem: bool = False) -> tuple[nn.Module, int]:
-    """A randomly initialised timm model without classifier; returns (model, feature width)."""
+def create_backbone(arch: str, image_size: int, small_image_stem: bool = False,
+                    timm_kwargs: dict | None = None) -> tuple[nn.Module, int]:
+    """A randomly initialised timm model without classifier; returns (model, feature width).
+
+    `timm_kwargs` go to timm.create_model as they are (model.timm_kwargs in a recipe).
+    """
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
         hint = f"; close names: {', '.join(close)}" if close else "; list names with timm.list_models('*pattern*')"
         raise ConfigError(f"model.arch {arch!r} is not a timm model{hint}")
+    kwargs = dict(timm_kwargs or {}, num_classes=0)
     try:
-        # Transformers take the input size as a constructor argument; convnets refuse it.
-        model = timm.create_model(arch, num_classes=0, img_size=image_size)
-    except TypeError:
-        model = timm.create_model(arch, num_classes=0)
+        try:
+            # Transformers take the input size as a constructor argument; convnets refuse it.
+            model = timm.create_model(arch, **{"img_size": image_size, **kwargs})
+        except TypeError:
+            model = timm.create_model(arch, **kwargs)
+    except Exception as err:
+        if not timm_kwargs:
+            raise
+        raise ConfigError(f"timm could not build {arch} with model.timm_kwargs={timm_kwargs}: {err}; "
+                          f"use arguments that {arch}'s timm constructor accepts") from None
     if small_image_stem:
         make_small_image_stem(model, arch)
     return model, output_width(model, image_size)
@@ -112,6 +123,12 @@ class Encoder(nn.Module):
 
 
 def build_encoder(arch: str, image_size: int, small_image_stem: bool, dim: int,
-                  head_hidden_dim: int | None = None) -> Encoder:
-    backbone, width = create_backbone(arch, image_size, small_image_stem)
+                  head_hidden_dim: int | None = None, timm_kwargs: dict | None = None) -> Encoder:
+    backbone, width = create_backbone(arch, image_size, small_image_stem, timm_kwargs)
     return Encoder(backbone, MLPHead(width, head_hidden_dim or width, dim))
+
+
+def encoder_from_config(cfg) -> Encoder:
+    """The query encoder a run's config (lowmem_moco.config.Config) describes."""
+    m = cfg.model
+    return build_encoder(m.arch, cfg.data.image_size, m.small_image_stem, m.dim, m.head_hidden_dim, m.timm_kwargs)

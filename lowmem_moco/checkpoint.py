@@ -154,7 +154,7 @@ def export_backbone(backbone: torch.nn.Module, path: str | Path, cfg, step: int)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
-    info = {"arch": cfg.model.arch, "small_image_stem": cfg.model.small_image_stem,
+    info = {"arch": cfg.model.arch, "timm_kwargs": cfg.model.timm_kwargs, "small_image_stem": cfg.model.small_image_stem,
             "image_size": cfg.data.image_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "step": step}
     path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     return path

@@ -23,7 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("mode", choices=["knn", "linear"])
     e.add_argument("run_dir", help="the output_dir of a training run")
     e.add_argument("overrides", nargs="*", help="e.g. data.source=cifar10 data.root=/data eval.knn_k=200")
-    e.add_argument("--epochs", type=int, default=100, help="linear probe epochs over the cached features")
+    e.add_argument("--epochs", type=int, default=100, help="linear probe epochs")
+    e.add_argument("--protocol", choices=["cached", "paper"], default="cached",
+                   help="linear: 'cached' trains on centre-crop features computed once (fast); 'paper' on "
+                        "augmented crops every epoch, SGD lr 30 decayed at 60%% and 80%% (the MoCo papers' number)")
+    e.add_argument("--head", action="store_true", help="features after the MLP head instead of the backbone's")
     x = sub.add_parser("export", help="write a run's backbone as timm-loadable safetensors")
     x.add_argument("run_dir")
     x.add_argument("--out", help="output file (default: RUN_DIR/backbone.safetensors)")
@@ -40,7 +44,8 @@ def _train(args) -> None:
 def _eval(args) -> None:
     from .probe import evaluate_run
 
-    evaluate_run(args.run_dir, args.mode, args.overrides, linear_epochs=args.epochs)
+    evaluate_run(args.run_dir, args.mode, args.overrides, linear_epochs=args.epochs, protocol=args.protocol,
+                 head=args.head)
 
 
 def _export(args) -> None:

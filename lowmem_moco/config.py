@@ -53,6 +53,9 @@ class ModelConfig:
     small_image_stem: bool = False  # ResNet-style: 3x3 stride-1 stem, no max-pool (32-px data)
     head_hidden_dim: Optional[int] = None  # MLP head hidden width (default: backbone width)
     dim: int = 128  # output (key/query) dimension
+    # Extra timm.create_model arguments, e.g. {zero_init_last: false, drop_path_rate: 0.1,
+    # channels: [32, 64, 128, 256]} (a narrower ResNet); see the model's timm constructor.
+    timm_kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -159,12 +162,29 @@ def _apply(cfg: Any, key: str, value: Any, where: str) -> None:
         if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
             raise ConfigError(f"unknown key {key!r} ({where}){_suggest(key)}")
         hint = _hints(type(node))[part]
+        if hint is dict:  # free-form mapping: the rest of the dotted key is one entry's name
+            _set_entry(getattr(node, part), ".".join(parts[: i + 1]), ".".join(parts[i + 1:]), value, where)
+            return
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(hint):
                 raise ConfigError(f"{key!r} is a section; set one of its keys, e.g. {key}.<name>=... ({where})")
             setattr(node, part, _coerce(key, value, hint, where))
         else:
             node = getattr(node, part)
+
+
+def _set_entry(mapping: dict, key: str, name: str, value: Any, where: str) -> None:
+    if name:  # dotted names nest, so recipes may hold nested mappings (e.g. block_args)
+        *outer, last = name.split(".")
+        for part in outer:
+            mapping = mapping.setdefault(part, {})
+        mapping[last] = value
+    elif isinstance(value, dict) or value is None:
+        mapping.clear()
+        mapping.update(value or {})
+    else:
+        raise ConfigError(f"{key} must be a mapping, got {value!r} ({where}); "
+                          f"e.g. {key}.zero_init_last=false")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

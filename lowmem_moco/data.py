@@ -604,10 +604,12 @@ class TwoViews(Dataset):
 
 
 class EvalImages(Dataset):
-    """(eval view, label) pairs for kNN features; an unreadable file is handled like in TwoViews."""
+    """(view, label) pairs for probes, by default the deterministic eval view; an unreadable
+    file is handled like in TwoViews."""
 
-    def __init__(self, base: LabelledImages, image_size: int, on_bad_image: str = "skip"):
-        self.base, self.transform = base, eval_transform(image_size)
+    def __init__(self, base: LabelledImages, image_size: int, on_bad_image: str = "skip",
+                 transform: Callable | None = None):
+        self.base, self.transform = base, transform or eval_transform(image_size)
         self.on_bad_image = _check_policy(on_bad_image)
         self._known_bad: set[int] = set()
 

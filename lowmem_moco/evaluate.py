@@ -198,3 +198,62 @@ def linear_probe(
     with torch.no_grad():
         scores = torch.cat([clf(x_val[i:i + batch_size]) for i in range(0, x_val.shape[0], batch_size)])
     return topk_accuracy(scores, y_val, _ks(num_classes))
+
+
+def linear_probe_augmented(
+    backbone: nn.Module,
+    train_loader,
+    val_loader,
+    num_classes: int,
+    *,
+    epochs: int = 100,
+    lr: float = 30.0,
+    device="cpu",
+    seed: int = 0,
+    autocast=contextlib.nullcontext,
+) -> dict:
+    """The MoCo paper's linear protocol: a frozen backbone (eval mode), a linear layer on its
+    raw pooled features of freshly augmented crops every epoch, SGD (momentum 0.9, no weight
+    decay) at lr 30, divided by 10 at 60% and 80% of the epochs; top-1/top-5 on centre crops.
+
+    Costs a backbone forward per image per epoch (the cached probe costs one in all).
+    """
+    modes = [(m, m.training) for m in backbone.modules()]
+    backbone.eval()
+    clf = None
+    try:
+        for epoch in range(epochs):
+            scale = 0.1 ** sum(epoch >= round(f * epochs) for f in (0.6, 0.8))
+            for images, labels in train_loader:
+                with torch.no_grad(), autocast():
+                    feats = backbone(images.to(device, non_blocking=True)).float().flatten(1)
+                if clf is None:  # the width is known once a batch went through
+                    clf, opt = _paper_classifier(feats.shape[1], num_classes, lr, device, seed)
+                for group in opt.param_groups:
+                    group["lr"] = lr * scale
+                with torch.enable_grad():
+                    loss = F.cross_entropy(clf(feats), torch.as_tensor(labels).long().to(device))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                opt.step()
+        if clf is None:
+            raise ValueError("linear_probe_augmented got an empty training loader")
+        scores, targets = [], []
+        with torch.no_grad():
+            for images, labels in val_loader:
+                with autocast():
+                    feats = backbone(images.to(device, non_blocking=True)).float().flatten(1)
+                scores.append(clf(feats).cpu())
+                targets.append(torch.as_tensor(labels).long())
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+    return topk_accuracy(torch.cat(scores), torch.cat(targets), _ks(num_classes))
+
+
+def _paper_classifier(width: int, num_classes: int, lr: float, device, seed: int):
+    clf = nn.Linear(width, num_classes).to(device)
+    with torch.no_grad():  # the official linear-classification script's initialisation
+        clf.weight.copy_(0.01 * torch.randn(clf.weight.shape, generator=torch.Generator().manual_seed(seed)))
+        clf.bias.zero_()
+    return clf, torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)

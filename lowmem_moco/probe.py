@@ -2,14 +2,17 @@
 
 The backbone comes from the run's newest intact checkpoint (or its exported backbone when
 the checkpoints are gone). Features (centre crop, no augmentation) are computed once per
-(checkpoint step, data, split, size) and cached in RUN_DIR/features/, so trying probe
-settings costs seconds. Results are printed and appended to RUN_DIR/eval.jsonl.
+(checkpoint step, backbone or head, data, split, size) and cached in RUN_DIR/features/, so
+trying probe settings costs seconds. The paper's linear protocol (`--protocol paper`:
+augmented crops, SGD lr 30) runs the backbone every epoch instead. Results are printed and
+appended to RUN_DIR/eval.jsonl.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -17,75 +20,104 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
-from .backbones import build_encoder
+from .backbones import encoder_from_config
 from .checkpoint import export_backbone, load_latest
 from .config import Config, config_from_dict, load_config, read_recipe
-from .data import EvalImages, build_datasets
+from .augment import linear_train_transform
+from .data import DataSplits, EvalImages, build_datasets
 from .errors import UserError
-from .evaluate import extract_features, knn_accuracy, linear_probe
+from .evaluate import extract_features, knn_accuracy, linear_probe, linear_probe_augmented
 
 
-def load_run(run_dir: str | Path, overrides: list[str] = ()) -> tuple[Config, torch.nn.Module, int]:
-    """(config with overrides, backbone with the run's weights, training step of those weights)."""
+def load_run(run_dir: str | Path, overrides: list[str] = (), head: bool = False
+             ) -> tuple[Config, torch.nn.Module, int]:
+    """(config with overrides, the run's backbone (with its MLP head when `head`), training step
+    of those weights)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a lowmem-moco run (no config.yaml); give the output_dir of a training run")
     cfg = load_config(None, overrides, base=config_from_dict(read_recipe(run_dir / "config.yaml")))
-    m = cfg.model
-    backbone = build_encoder(m.arch, cfg.data.image_size, m.small_image_stem, m.dim, m.head_hidden_dim).backbone
+    encoder = encoder_from_config(cfg)
     found = load_latest(run_dir)
     if found is not None:
         tensors, meta, _ = found
-        prefix = "model.encoder_q.backbone."
-        backbone.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        return cfg, backbone, meta["step"]
+        prefix = "model.encoder_q."
+        encoder.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        return cfg, encoder if head else encoder.backbone, meta["step"]
     exported = run_dir / "backbone.safetensors"
     if not exported.is_file():
         raise UserError(f"{run_dir} has neither checkpoints nor backbone.safetensors; train first")
-    backbone.load_state_dict(load_file(exported))
-    return cfg, backbone, json.loads(exported.with_suffix(".json").read_text()).get("step", -1)
+    if head:
+        raise UserError(f"{run_dir} has no checkpoint, and the exported backbone has no head; "
+                        f"evaluate backbone features (drop --head)")
+    encoder.backbone.load_state_dict(load_file(exported))
+    return cfg, encoder.backbone, json.loads(exported.with_suffix(".json").read_text()).get("step", -1)
 
 
-def _features(cfg: Config, backbone, images, split: str, step: int, cache: Path, device) -> tuple:
-    key = json.dumps([step, cfg.data.source, cfg.data.root, cfg.data.train_dir, cfg.data.val_dir,
+def _loader(cfg: Config, images, transform=None, shuffle: bool = False) -> torch.utils.data.DataLoader:
+    views = EvalImages(images, cfg.data.image_size, cfg.data.on_bad_image, transform)
+    return torch.utils.data.DataLoader(views, batch_size=256, shuffle=shuffle, num_workers=cfg.data.workers,
+                                       generator=torch.Generator().manual_seed(cfg.train.seed))
+
+
+def _features(cfg: Config, model, images, split: str, step: int, cache: Path, device) -> tuple:
+    """L2-normalised centre-crop features of `images`, cached per weights, data and split."""
+    kind = type(model).__name__  # an Encoder (backbone + head) or the backbone itself
+    key = json.dumps([step, kind, cfg.data.source, cfg.data.root, cfg.data.train_dir, cfg.data.val_dir,
                       cfg.data.val_fraction, cfg.data.image_size, split, len(images)])
     path = cache / f"{split}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.safetensors"
     if path.is_file():
         saved = load_file(path)
         return saved["features"], saved["labels"]
-    loader = torch.utils.data.DataLoader(EvalImages(images, cfg.data.image_size), batch_size=256,
-                                         num_workers=cfg.data.workers)
-    feats, labels = extract_features(backbone.to(device), loader, device)
+    feats, labels = extract_features(model.to(device), _loader(cfg, images), device)
     cache.mkdir(parents=True, exist_ok=True)
-    save_file({"features": feats, "labels": labels}, str(path))
+    tmp = path.with_name(f".{path.name}.tmp")  # an interrupted write never leaves a truncated cache
+    save_file({"features": feats, "labels": labels}, str(tmp))
+    os.replace(tmp, path)
     return feats, labels
 
 
-def evaluate_run(run_dir: str | Path, mode: str, overrides: list[str] = (), linear_epochs: int = 100,
-                 console: Console | None = None) -> dict:
-    console = console or Console(highlight=False, soft_wrap=True)
-    run_dir = Path(run_dir)
-    cfg, backbone, step = load_run(run_dir, overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    data = build_datasets(cfg.data)
-    started = time.perf_counter()
-    train_f, train_y = _features(cfg, backbone, data.train, "train", step, run_dir / "features", device)
-    val_f, val_y = _features(cfg, backbone, data.val, "val", step, run_dir / "features", device)
+def probe(cfg: Config, model, data: DataSplits, mode: str, step: int, cache: Path, device,
+          linear_epochs: int = 100, protocol: str = "cached") -> tuple[dict, dict]:
+    """(result, settings) of `mode` (knn | linear) for `model` on the train/val split of `data`.
+
+    The kNN and the cached linear probe use centre-crop features cached in `cache`; the
+    `paper` linear protocol augments every epoch and so runs the backbone each time.
+    """
     classes = len(data.classes)
+    if mode == "linear" and protocol == "paper":
+        result = linear_probe_augmented(model.to(device), _loader(cfg, data.train, linear_train_transform(
+            cfg.data.image_size), shuffle=True), _loader(cfg, data.val), classes, epochs=linear_epochs,
+            device=device, seed=cfg.train.seed)
+        return result, {"epochs": linear_epochs, "protocol": "paper"}
+    train_f, train_y = _features(cfg, model, data.train, "train", step, cache, device)
+    val_f, val_y = _features(cfg, model, data.val, "val", step, cache, device)
     if mode == "knn":
         result = knn_accuracy(train_f.to(device), train_y.to(device), val_f.to(device), val_y.to(device),
                               classes, k=cfg.eval.knn_k, t=cfg.eval.knn_t)
-        settings = {"k": cfg.eval.knn_k, "t": cfg.eval.knn_t}
-    else:
-        result = linear_probe(train_f, train_y, val_f, val_y, classes, epochs=linear_epochs, device=device)
-        settings = {"epochs": linear_epochs}
-    record = {"mode": mode, "step": step, "arch": cfg.model.arch, "source": cfg.data.source,
-              "train_images": len(train_y), "val_images": len(val_y), **settings, **result,
+        return result, {"k": cfg.eval.knn_k, "t": cfg.eval.knn_t}
+    return linear_probe(train_f, train_y, val_f, val_y, classes, epochs=linear_epochs, device=device), \
+        {"epochs": linear_epochs, "protocol": "cached"}
+
+
+def evaluate_run(run_dir: str | Path, mode: str, overrides: list[str] = (), linear_epochs: int = 100,
+                 protocol: str = "cached", head: bool = False, console: Console | None = None) -> dict:
+    console = console or Console(highlight=False, soft_wrap=True)
+    run_dir = Path(run_dir)
+    cfg, model, step = load_run(run_dir, overrides, head)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = build_datasets(cfg.data)
+    started = time.perf_counter()
+    result, settings = probe(cfg, model, data, mode, step, run_dir / "features", device, linear_epochs, protocol)
+    train_n, val_n = len(data.train), len(data.val)
+    record = {"mode": mode, "features": "head" if head else "backbone", "step": step, "arch": cfg.model.arch,
+              "source": cfg.data.source,
+              "train_images": train_n, "val_images": val_n, **settings, **result,
               "seconds": round(time.perf_counter() - started, 1)}
     with open(run_dir / "eval.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     top5 = f", top-5 {result['top5']:.2f}%" if "top5" in result else ""
-    console.print(f"{mode} on {cfg.data.source} ({len(val_y)} val images, step {step}): "
+    console.print(f"{mode} on {cfg.data.source} ({val_n} val images, step {step}): "
                   f"top-1 {result['top1']:.2f}%{top5}")
     return record
 

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 
-from .backbones import build_encoder, enable_grad_checkpointing
+from .backbones import encoder_from_config, enable_grad_checkpointing
 from .checkpoint import export_backbone, join_state, load_latest, save_checkpoint, split_state
 from .config import Config, config_from_dict, save_config
 from .data import EvalImages, build_datasets
@@ -87,7 +87,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def check_compatible(saved: Config, cfg: Config, path: Path) -> None:
     """A checkpoint resumes only into the same model; other changes are allowed."""
-    fields = ["model.arch", "model.small_image_stem", "model.dim", "model.head_hidden_dim", "moco.queue_size"]
+    fields = ["model.arch", "model.small_image_stem", "model.dim", "model.head_hidden_dim", "model.timm_kwargs",
+              "moco.queue_size"]
     for name in fields:
         section, key = name.split(".")
         old, new = getattr(getattr(saved, section), key), getattr(getattr(cfg, section), key)
@@ -145,7 +146,7 @@ class Trainer:
         # Seeded right before the model: its initialisation must not depend on whether the data
         # step above had work to do (a cache build draws random numbers, a cache hit does not).
         set_seed(cfg.train.seed)
-        encoder = build_encoder(m.arch, cfg.data.image_size, m.small_image_stem, m.dim, m.head_hidden_dim)
+        encoder = encoder_from_config(cfg)
         if cfg.train.grad_checkpointing:
             enable_grad_checkpointing(encoder.backbone, m.arch)
         self.moco = MoCo(encoder, cfg.moco.queue_size, m.dim).to(self.device)
@@ -242,7 +243,7 @@ class Trainer:
                             k=cfg.eval.knn_k, t=cfg.eval.knn_t)["top1"]
 
     def _eval_loader(self, images):
-        return torch.utils.data.DataLoader(EvalImages(images, self.cfg.data.image_size),
+        return torch.utils.data.DataLoader(EvalImages(images, self.cfg.data.image_size, self.cfg.data.on_bad_image),
                                            batch_size=max(64, self.cfg.micro_batch),
                                            num_workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda",
                                            generator=torch.Generator())  # leaves the global RNG alone

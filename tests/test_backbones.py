@@ -25,6 +25,15 @@ def test_unknown_name_suggests_close_timm_names():
         create_backbone("resnet_18", 32)
 
 
+def test_timm_kwargs_reach_the_model_and_bad_ones_get_a_clear_message():
+    narrow, width = create_backbone("resnet18", 32, timm_kwargs={"channels": [16, 32, 64, 128],
+                                                                "zero_init_last": False})
+    assert width == 128 and narrow.layer1[0].conv1.out_channels == 16
+    assert narrow.layer1[0].bn2.weight.abs().sum() > 0  # timm zeroes it by default
+    with pytest.raises(ConfigError, match=r"model.timm_kwargs=\{'no_such_argument': 1\}.*no_such_argument"):
+        create_backbone("resnet18", 32, timm_kwargs={"no_such_argument": 1})
+
+
 def test_small_image_stem_keeps_resolution_for_32px_images():
     plain, _ = create_backbone("resnet18", 32)
     small, _ = create_backbone("resnet18", 32, small_image_stem=True)

@@ -124,3 +124,27 @@ def test_derive_adds_slope_and_fraction_of_the_supervised_step():
     assert cells[0]["slope_mb_per_image"] == pytest.approx(150 / 48)
     assert cells[1]["vs_supervised"] == pytest.approx(0.75)
     assert cells[1]["vs_limit"] == pytest.approx(1.0)
+
+
+def test_quality_report_compares_the_run_with_its_own_init_and_the_naive_step(tmp_path):
+    from benchmarks.quality import initial_backbone, main as quality_main
+    from lowmem_moco.config import load_config
+    from lowmem_moco.train import Trainer
+
+    cfg = load_config(None, [
+        "data.source=synthetic", "data.synthetic_size=128", "data.image_size=32", "data.num_workers=0",
+        "data.augment=batched", "model.arch=test_resnet", "model.dim=16", "moco.queue_size=64",
+        "moco.key_chunks=2", "train.batch_size=32", "train.max_steps=2", "eval.knn_every=0", "eval.knn_k=10",
+        f"output_dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg)
+    init = initial_backbone(cfg).state_dict()  # "random init" is exactly the run's starting point
+    start = trainer.moco.encoder_q.backbone.state_dict()
+    assert all(torch.equal(init[k], start[k]) for k in start)
+    trainer.fit()
+
+    quality_main([str(tmp_path / "run"), "--linear-epochs", "2", "--out", str(tmp_path / "q")])
+    result = json.loads((tmp_path / "q.json").read_text())
+    assert [(r["encoder"], r["steps"]) for r in result["rows"]] == \
+        [("random init", 0), ("naive", 2), ("lowmem-moco", 2)]
+    assert all(0 <= r[k] <= 100 for r in result["rows"] for k in ("knn_top1", "linear_top1"))
+    assert "| lowmem-moco | 2 |" in (tmp_path / "q.md").read_text()

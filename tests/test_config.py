@@ -32,6 +32,19 @@ def test_overrides_are_typed_and_layered_over_the_recipe(tmp_path):
     assert cfg.micro_batch == 64 and cfg.accum_steps == 4 and cfg.moco.symmetric is True
 
 
+def test_timm_kwargs_take_free_form_entries_from_recipe_and_command_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  timm_kwargs:\n    channels: [16, 32, 64, 128]\n    block_args: {attn_layer: se}\n")
+    cfg = load_config(recipe, ["model.timm_kwargs.zero_init_last=false"])
+    assert cfg.model.timm_kwargs == {"channels": [16, 32, 64, 128], "block_args": {"attn_layer": "se"},
+                                     "zero_init_last": False}
+    save_config(cfg, tmp_path / "config.yaml")
+    assert config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == cfg
+    assert load_config().model.timm_kwargs == {}  # defaults are not shared between configs
+    with pytest.raises(ConfigError, match="model.timm_kwargs must be a mapping"):
+        load_config(None, ["model.timm_kwargs=3"])
+
+
 @pytest.mark.parametrize("override,words", [
     ("moco.queu_size=10", ["unknown key 'moco.queu_size'", "moco.queue_size"]),
     ("train.lr=fast", ["train.lr must be float", "'fast'"]),

@@ -11,6 +11,7 @@ from lowmem_moco.evaluate import (
     knn_accuracy,
     knn_predict,
     linear_probe,
+    linear_probe_augmented,
     topk_accuracy,
 )
 
@@ -145,3 +146,29 @@ def test_extract_features_restores_mode_on_error():
     with pytest.raises(RuntimeError):
         extract_features(net, bad_loader(), "cpu")
     assert net.training and net.bn.training
+
+
+def _colour_batches(n_batches, seed):
+    """Images of 3 classes told apart by their dominant colour channel, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_batches):
+        labels = torch.randint(0, 3, (30,), generator=g)
+        images = 0.3 * torch.randn(30, 3, 4, 4, generator=g)
+        images[torch.arange(30), labels] += 1.0
+        batches.append((images, labels))
+    return batches
+
+
+def test_paper_linear_protocol_learns_separable_data_and_leaves_the_backbone_alone():
+    backbone = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with torch.no_grad():
+        backbone[0].weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+        backbone[0].bias.zero_()
+    backbone.train()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    acc = linear_probe_augmented(backbone, _colour_batches(10, 0), _colour_batches(4, 1), 3, epochs=5)
+    assert acc["top1"] == 100.0
+    assert backbone.training  # mode restored
+    after = backbone.state_dict()  # frozen: no weight or BatchNorm statistic moved
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -1,6 +1,7 @@
 """`lowmem-moco eval` and `export` on a finished run."""
 
 import json
+import shutil
 
 import pytest
 import timm
@@ -30,6 +31,30 @@ def test_eval_knn_and_linear_append_results_and_reuse_cached_features(run_dir, c
     assert all(0 <= r["top1"] <= 100 and "top5" in r and r["step"] == 2 for r in records)
     assert len(list((run_dir / "features").iterdir())) == 2  # train and val, computed once
     assert "top-1" in capsys.readouterr().out
+
+
+def test_head_features_and_the_paper_protocol_are_options(run_dir, tmp_path, capsys):
+    before = len(list((run_dir / "features").iterdir()))
+    assert main(["eval", "knn", str(run_dir), "--head"]) == 0
+    assert main(["eval", "linear", str(run_dir), "--protocol", "paper", "--epochs", "2"]) == 0
+    records = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()][-2:]
+    assert records[0]["features"] == "head" and records[1]["protocol"] == "paper"
+    assert len(list((run_dir / "features").iterdir())) == before + 2  # head features cached apart
+
+    # A run folder holding only the exported backbone: the same backbone kNN, no head.
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    for name in ("config.yaml", "backbone.safetensors", "backbone.json"):
+        shutil.copy(run_dir / name, exported / name)
+    assert main(["eval", "knn", str(exported)]) == 0
+    from_checkpoint = next(json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()
+                           if json.loads(line)["mode"] == "knn")
+    from_export = json.loads((exported / "eval.jsonl").read_text())
+    assert (from_export["top1"], from_export["top5"], from_export["step"]) == \
+        (from_checkpoint["top1"], from_checkpoint["top5"], from_checkpoint["step"])
+    capsys.readouterr()
+    assert main(["eval", "knn", str(exported), "--head"]) == 2
+    assert "drop --head" in capsys.readouterr().err
 
 
 def test_export_writes_a_timm_loadable_backbone(run_dir, tmp_path):

@@ -23,6 +23,8 @@ TINY = ["data.source=synthetic", "data.synthetic_size=128", "data.image_size=32"
         "model.arch=test_resnet", "model.dim=16", "moco.queue_size=64", "moco.key_chunks=2",
         "train.batch_size=32", "train.micro_batch_size=16", "train.epochs=3", "eval.knn_every=0"]
 
+DEMO_MODEL_OFF = ["model.small_image_stem=false", "model.timm_kwargs=null"]  # the demo's ResNet switches
+
 
 def tiny(out, *extra):
     return load_config(None, [*TINY, f"output_dir={out}", *extra])
@@ -73,7 +75,7 @@ def test_only_damaged_checkpoints_is_a_clear_error(tmp_path):
 def test_sigkill_at_any_moment_then_rerun_gives_the_uninterrupted_result(tmp_path):
     def command(out):  # both runs in fresh processes, so both use the same threads and kernels
         return [sys.executable, "-m", "lowmem_moco", "train", str(REPO / "recipes/demo.yaml"), *TINY,
-                "train.checkpoint_every=1", "train.epochs=2", f"output_dir={out}", f"data.cache_dir={tmp_path}/cache"]
+                *DEMO_MODEL_OFF, "train.checkpoint_every=1", "train.epochs=2", f"output_dir={out}", f"data.cache_dir={tmp_path}/cache"]
 
     env = dict(os.environ, PYTHONPATH=str(REPO))
     assert subprocess.run(command(tmp_path / "whole"), env=env, capture_output=True).returncode == 0

@@ -80,12 +80,14 @@ def test_exported_backbone_loads_in_timm_with_identical_features(tmp_path):
     assert json.loads(path.with_suffix(".json").read_text())["arch"] == "test_resnet"
 
 
-def test_small_stem_backbone_loads_after_rebuilding_the_stem(tmp_path, cifar_folder):
+def test_small_stem_narrow_backbone_loads_after_rebuilding_the_stem(tmp_path, cifar_folder):
     trainer = Trainer(load_config(None, [
         *TINY, f"output_dir={tmp_path}", "data.source=folder", f"data.root={cifar_folder}",
-        "model.arch=resnet18", "model.small_image_stem=true", "train.max_steps=2", "eval.knn_every=0"]))
+        "model.arch=resnet18", "model.small_image_stem=true", "model.timm_kwargs.channels=[16,32,64,128]",
+        "train.max_steps=2", "eval.knn_every=0"]))
     trainer.fit()
-    model = make_small_image_stem(timm.create_model("resnet18", num_classes=0))
+    info = json.loads((tmp_path / "backbone.json").read_text())
+    model = make_small_image_stem(timm.create_model(info["arch"], num_classes=0, **info["timm_kwargs"]))
     model.load_state_dict(timm.models.load_state_dict(str(tmp_path / "backbone.safetensors")))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -110,7 +112,8 @@ def test_cli_prints_one_clear_line_for_user_errors(tmp_path, capsys):
 def test_accelerate_launch_runs_the_trainer_on_cpu(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes=1", "--num_machines=1",
            "--mixed_precision=no", "--dynamo_backend=no", "-m", "lowmem_moco", "train",
-           str(REPO / "recipes/demo.yaml"), *TINY, "train.epochs=1", "eval.knn_every=0", f"output_dir={tmp_path}"]
+           str(REPO / "recipes/demo.yaml"), *TINY, "model.small_image_stem=false", "model.timm_kwargs=null",
+           "train.epochs=1", "eval.knn_every=0", f"output_dir={tmp_path}"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
