@@ -37,18 +37,17 @@ from lowmem_moco.train import build_optimizer, lr_at
 from .naive import NaiveMoCo
 
 
-def initial_backbone(cfg: Config) -> torch.nn.Module:
-    """The backbone exactly as the trainer initialises it (it seeds right before the model)."""
+def initial_encoder(cfg: Config) -> torch.nn.Module:
+    """The query encoder exactly as the trainer initialises it (it seeds right before the model)."""
     set_seed(cfg.train.seed)
-    return encoder_from_config(cfg).backbone
+    return encoder_from_config(cfg)
 
 
 def train_naive(cfg: Config, data: DataSplits, steps: int, device: torch.device, log_every: int = 50) -> torch.nn.Module:
     """`steps` optimizer steps of the naive baseline on the trainer's batches and schedule."""
     t = cfg.train
     pipeline = build_pipeline(data.train, cfg, device)
-    set_seed(t.seed)
-    encoder = encoder_from_config(cfg).to(device)
+    encoder = initial_encoder(cfg).to(device)
     optimizer = build_optimizer(encoder.parameters(), cfg)
     naive = NaiveMoCo(encoder, optimizer, cfg.moco.queue_size, cfg.model.dim, cfg.moco.temperature,
                       cfg.moco.momentum, device)
@@ -85,7 +84,7 @@ def report(run_dir: Path, linear_epochs: int) -> dict:
     started = time.perf_counter()
     naive = train_naive(cfg, data, step, device)
     naive_seconds = time.perf_counter() - started
-    encoders = {"random init": (initial_backbone(cfg), 0, run_dir / "features/random-init"),
+    encoders = {"random init": (initial_encoder(cfg).backbone, 0, run_dir / "features/random-init"),
                 "naive": (naive, step, run_dir / "features/naive"),
                 "lowmem-moco": (trained, step, run_dir / "features")}
     rows = []

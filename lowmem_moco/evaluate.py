@@ -14,6 +14,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """Put `module` in eval mode, then give every submodule back its own flag: a model with
+    some parts deliberately frozen in eval mode (e.g. BatchNorm) comes back exactly as it was."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+
+
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module,
@@ -32,12 +45,8 @@ def extract_features(
     Returns `(features [N, D] float32, labels [N] int64)`, both on the CPU so that
     large sets do not hold accelerator memory.
     """
-    # Remember each submodule's flag, not just the root's: a model with some parts
-    # deliberately frozen in eval mode (e.g. BatchNorm) must come back exactly as it was.
-    modes = [(m, m.training) for m in backbone.modules()]
-    backbone.eval()
     feats, labels = [], []
-    try:
+    with eval_mode(backbone):
         for images, targets in loader:
             images = images.to(device, non_blocking=True)
             if channels_last and images.dim() == 4:
@@ -48,9 +57,6 @@ def extract_features(
             out = F.normalize(out.float().flatten(1), dim=1)
             feats.append(out.cpu())
             labels.append(torch.as_tensor(targets).long().cpu())
-    finally:
-        for m, was_training in modes:
-            m.training = was_training
     if not feats:
         raise ValueError("extract_features got an empty loader")
     return torch.cat(feats), torch.cat(labels)
@@ -218,10 +224,8 @@ def linear_probe_augmented(
 
     Costs a backbone forward per image per epoch (the cached probe costs one in all).
     """
-    modes = [(m, m.training) for m in backbone.modules()]
-    backbone.eval()
     clf = None
-    try:
+    with eval_mode(backbone):
         for epoch in range(epochs):
             scale = 0.1 ** sum(epoch >= round(f * epochs) for f in (0.6, 0.8))
             for images, labels in train_loader:
@@ -245,9 +249,6 @@ def linear_probe_augmented(
                     feats = backbone(images.to(device, non_blocking=True)).float().flatten(1)
                 scores.append(clf(feats).cpu())
                 targets.append(torch.as_tensor(labels).long())
-    finally:
-        for m, was_training in modes:
-            m.training = was_training
     return topk_accuracy(torch.cat(scores), torch.cat(targets), _ks(num_classes))
 
 

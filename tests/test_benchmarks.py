@@ -127,7 +127,7 @@ def test_derive_adds_slope_and_fraction_of_the_supervised_step():
 
 
 def test_quality_report_compares_the_run_with_its_own_init_and_the_naive_step(tmp_path):
-    from benchmarks.quality import initial_backbone, main as quality_main
+    from benchmarks.quality import initial_encoder, main as quality_main
     from lowmem_moco.config import load_config
     from lowmem_moco.train import Trainer
 
@@ -137,7 +137,7 @@ def test_quality_report_compares_the_run_with_its_own_init_and_the_naive_step(tm
         "moco.key_chunks=2", "train.batch_size=32", "train.max_steps=2", "eval.knn_every=0", "eval.knn_k=10",
         f"output_dir={tmp_path / 'run'}"])
     trainer = Trainer(cfg)
-    init = initial_backbone(cfg).state_dict()  # "random init" is exactly the run's starting point
+    init = initial_encoder(cfg).backbone.state_dict()  # "random init" is exactly the run's starting point
     start = trainer.moco.encoder_q.backbone.state_dict()
     assert all(torch.equal(init[k], start[k]) for k in start)
     trainer.fit()
