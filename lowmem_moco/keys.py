@@ -31,13 +31,17 @@ def encode_keys(encoder_k: nn.Module, images: torch.Tensor, num_chunks: int,
     """
     n = images.shape[0]
     perm = torch.randperm(n, generator=generator).to(images.device)
-    shuffled = images[perm]
-    if images.is_contiguous(memory_format=torch.channels_last) and images.dim() == 4:
-        shuffled = shuffled.contiguous(memory_format=torch.channels_last)
-    keys = _encode_in_chunks(encoder_k, shuffled, num_chunks)
+    keys = _encode_in_chunks(encoder_k, _same_layout(images[perm], images), num_chunks)
     unshuffled = torch.empty_like(keys)
     unshuffled[perm] = keys
     return unshuffled
+
+
+def _same_layout(selected: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Indexing returns a contiguous tensor: keep channels_last inputs channels_last."""
+    if images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last):
+        return selected.contiguous(memory_format=torch.channels_last)
+    return selected
 
 
 def _encode_in_chunks(encoder_k: nn.Module, images: torch.Tensor, num_chunks: int) -> torch.Tensor:
@@ -67,9 +71,7 @@ def encode_batch_keys(encoder_k: nn.Module, images: torch.Tensor, num_chunks: in
         # generator forms exactly the same BatchNorm groups.
         everything = accelerator.gather(images)
         perm = torch.randperm(world * n, generator=generator).to(images.device)
-        mine = everything[perm[rank * n:(rank + 1) * n]]
-        if images.is_contiguous(memory_format=torch.channels_last) and images.dim() == 4:
-            mine = mine.contiguous(memory_format=torch.channels_last)
+        mine = _same_layout(everything[perm[rank * n:(rank + 1) * n]], images)
         shuffled = accelerator.gather(_encode_in_chunks(encoder_k, mine, num_chunks))
         all_keys = torch.empty_like(shuffled)
         all_keys[perm] = shuffled
