@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
     # One thread per cell for --quick: with a CPU shared with other work, several OpenMP threads
     # per process spin at every barrier and the many small ops of a step slow down erratically.
-    threads = args.threads or (1 if args.quick and device == "cpu" else None)
+    threads = args.threads or (1 if args.quick else None)
     run_suite(cells, args.out or RESULTS, device, warmup, args.repeats, args.budget_gb, data_input,
               command=command, stem=args.name, threads=threads)
     return 0

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from lowmem_moco.backbones import build_encoder, enable_grad_checkpointing
 from lowmem_moco.config import Config
 from lowmem_moco.moco import MoCo
+from lowmem_moco.train import build_optimizer
 
 KINDS = ("lowmem", "naive", "supervised")
 DEFAULTS = Config()  # hyper-parameters come from the project's defaults, for both MoCo steps
@@ -84,11 +85,6 @@ def _images(cell: Cell, device: torch.device, n: int) -> torch.Tensor:
     return torch.randn(n, 3, cell.image_size, cell.image_size, device=device).contiguous(memory_format=fmt)
 
 
-def _sgd(params, cfg: Config = DEFAULTS) -> torch.optim.Optimizer:
-    # train.build_optimizer's SGD, restated so the suite runs while train.py changes
-    return torch.optim.SGD(params, lr=cfg.train.lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
-
-
 @dataclass
 class Workload:
     """What a measurement needs: the step, and the objects whose tensors count."""
@@ -129,7 +125,7 @@ def _lowmem(cell: Cell, device: torch.device) -> Workload:
     if cell.channels_last:
         moco.to(memory_format=torch.channels_last)
     acc = Accelerator(mixed_precision=cell.precision, cpu=device.type == "cpu")
-    encoder_q, optimizer = acc.prepare(moco.encoder_q, _sgd(moco.encoder_q.parameters()))
+    encoder_q, optimizer = acc.prepare(moco.encoder_q, build_optimizer(moco.encoder_q.parameters(), DEFAULTS))
     step_fn = MoCoStep(moco, optimizer, acc, micro_batch=cell.micro_batch, key_chunks=cell.key_chunks,
                        temperature=cfg.moco.temperature, encoder_q=encoder_q,
                        guard_bn_stats=cell.checkpointing)
@@ -147,7 +143,7 @@ def _naive(cell: Cell, device: torch.device) -> Workload:
     encoder = build_encoder(cell.arch, cell.image_size, cell.small_image_stem, cfg.model.dim).to(device)
     if cell.channels_last:
         encoder.to(memory_format=torch.channels_last)
-    optimizer = _sgd(encoder.parameters())
+    optimizer = build_optimizer(encoder.parameters(), DEFAULTS)
     naive = NaiveMoCo(encoder, optimizer, cell.queue_size, cfg.model.dim, cfg.moco.temperature,
                       cfg.moco.momentum, device)
     x_q, x_k = _images(cell, device, cell.batch), _images(cell, device, cell.batch)
@@ -161,7 +157,7 @@ def _supervised(cell: Cell, device: torch.device) -> Workload:
     model = timm.create_model(cell.arch, num_classes=1000).to(device)
     if cell.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = _sgd(model.parameters())
+    optimizer = build_optimizer(model.parameters(), DEFAULTS)
     scaler = torch.amp.GradScaler(device.type, enabled=cell.precision == "fp16")
     images = _images(cell, device, cell.batch)
     labels = torch.randint(0, 1000, (cell.batch,), device=device)

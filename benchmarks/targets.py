@@ -6,7 +6,7 @@ when the grid did not measure that configuration the target reads 'not measured'
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MIXED = ("fp16", "bf16")
 # The MoCo step as a fraction of a supervised step: 3 units (forward + backward) against 4
@@ -28,8 +28,7 @@ class Target:
     bound: float
     higher_is_better: bool
     reference: dict | None = None  # fields of the reference cell: the figure is subject / reference
-    reference_metric: str | None = None  # default: `metric`
-    note: str = field(default="")
+    note: str = ""
 
 
 TARGETS = [
@@ -78,17 +77,16 @@ def check(cells: list[dict], device_type: str) -> list[dict]:
         record = dict(name=t.name, metric=t.metric, bound=t.bound, note=t.note,
                       comparison=">=" if t.higher_is_better else "<=", status="not measured")
         subject = _find(cells, t.subject, t.metric)
-        ref_metric = t.reference_metric or t.metric
-        reference = _find(cells, t.reference, ref_metric) if t.reference else None
+        reference = _find(cells, t.reference, t.metric) if t.reference else None
         if subject is None or (t.reference and reference is None):
             out.append(record)
             continue
-        value = subject[t.metric] / reference[ref_metric] if reference else subject[t.metric]
+        value = subject[t.metric] / reference[t.metric] if reference else subject[t.metric]
         passed = value >= t.bound if t.higher_is_better else value <= t.bound
         record.update(value=value, status="PASS" if passed else "MISS", subject=subject["label"],
                       subject_value=subject[t.metric],
                       reference=reference["label"] if reference else None,
-                      reference_value=reference[ref_metric] if reference else None,
+                      reference_value=reference[t.metric] if reference else None,
                       margin=value / t.bound)
         out.append(record)
     return out

@@ -21,7 +21,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from safetensors.torch import save_file
 
 from .errors import CheckpointError
 
@@ -91,14 +90,15 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def load_latest(output_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path] | None:
     """The newest intact checkpoint, falling back (with a warning) past damaged ones."""
-    for path in reversed(list_checkpoints(output_dir)):
+    paths = list_checkpoints(output_dir)
+    for path in reversed(paths):
         try:
             tensors, meta = read_checkpoint(path)
         except CheckpointError as err:
             warnings.warn(f"{err}; falling back to the previous checkpoint", stacklevel=2)
             continue
         return tensors, meta, path
-    if list_checkpoints(output_dir):
+    if paths:
         raise CheckpointError(f"every checkpoint in {Path(output_dir) / CHECKPOINT_DIR} is damaged; "
                               f"remove that folder to start afresh or point output_dir elsewhere")
     return None
@@ -151,9 +151,7 @@ def export_backbone(backbone: torch.nn.Module, path: str | Path, cfg, step: int)
 
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    atomic_write_bytes(path, st_save(state, metadata={"format": "pt"}))
     info = {"arch": cfg.model.arch, "timm_kwargs": cfg.model.timm_kwargs, "small_image_stem": cfg.model.small_image_stem,
             "image_size": cfg.data.image_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "step": step}
     path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")

@@ -142,8 +142,7 @@ def linear_probe(
     num_classes: int,
     *,
     epochs: int = 100,
-    lr: float | None = None,
-    weight_decay: float = 0.0,
+    lr: float = 1e-3,
     batch_size: int = 1024,
     device="cpu",
     seed: int = 0,
@@ -165,7 +164,6 @@ def linear_probe(
         raise ValueError("need non-empty training and validation sets with equal feature widths")
     if epochs < 1 or batch_size < 1:
         raise ValueError("need epochs >= 1 and batch_size >= 1")
-    lr = 1e-3 if lr is None else lr
 
     x_train = train_feats.to(device).float()
     y_train = train_labels.to(device).long()
@@ -178,11 +176,7 @@ def linear_probe(
     clf = nn.Linear(x_train.shape[1], num_classes).to(device)
     nn.init.zeros_(clf.weight)
     nn.init.zeros_(clf.bias)
-    # Decay the weight only; shrinking the bias just fights the class priors.
-    opt = torch.optim.AdamW(
-        [{"params": [clf.weight], "weight_decay": weight_decay}, {"params": [clf.bias], "weight_decay": 0.0}],
-        lr=lr,
-    )
+    opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=0.0)  # AdamW's default would be 0.01
     gen = torch.Generator().manual_seed(seed)
     n = x_train.shape[0]
     steps_per_epoch = math.ceil(n / batch_size)

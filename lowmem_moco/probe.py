@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 
 from .backbones import encoder_from_config
-from .checkpoint import export_backbone, load_latest
+from .checkpoint import atomic_write_bytes, export_backbone, load_latest
 from .config import Config, config_from_dict, load_config, read_recipe
 from .augment import linear_train_transform
 from .data import DataSplits, EvalImages, build_datasets
@@ -71,9 +71,8 @@ def _features(cfg: Config, model, images, split: str, step: int, cache: Path, de
         return saved["features"], saved["labels"]
     feats, labels = extract_features(model.to(device), _loader(cfg, images), device)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")  # an interrupted write never leaves a truncated cache
-    save_file({"features": feats, "labels": labels}, str(tmp))
-    os.replace(tmp, path)
+    # Atomic: an interrupted write never leaves a truncated cache behind.
+    atomic_write_bytes(path, st_save({"features": feats, "labels": labels}))
     return feats, labels
 
 

@@ -34,11 +34,11 @@ def _fmt(fields: dict) -> str:
 
 
 class Progress:
-    def __init__(self, total_steps: int, steps_per_epoch: int, enabled: bool = True, console: Console | None = None):
+    def __init__(self, total_steps: int, enabled: bool = True, console: Console | None = None):
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.enabled = enabled
         self.live = enabled and self.console.is_terminal
-        self.total, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.total = total_steps
         self.started = time.perf_counter()
         self.bar = RichProgress(
             TextColumn("[bold]MoCo"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),

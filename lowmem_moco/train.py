@@ -253,7 +253,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         metrics = MetricsLog(self.out / "metrics.jsonl", self.main, truncate_after=self.step)
-        progress = Progress(self.stop_step, self.steps_per_epoch, enabled=self.main)
+        progress = Progress(self.stop_step, enabled=self.main)
         progress.describe(self._summary())
         warmup = round(t.warmup_epochs * self.steps_per_epoch)
         if self.step == 0 and cfg.eval.knn_every:
