@@ -165,11 +165,11 @@ class BatchedMoCoV2:
         limit = self.cpu_chunk_elements if device.type == "cpu" else self.gpu_chunk_elements
         chunk = max(1, limit // (3 * size * size))
         work = _Buffers()  # scratch reused by every chunk: fresh CPU memory costs page faults
-        for r in range(repeats):
-            for start in range(0, n, chunk):
-                stop = min(n, start + chunk)
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            source = images[start:stop].float()  # once for all repeats; crops sample from it
+            for r in range(repeats):
                 views = slice(r * n + start, r * n + stop)
-                source = images[start:stop].float()  # crop first: float only for what is sampled
                 chunk_params = p[views]
                 grid = _crop_grid(chunk_params, height, width, size)
                 x = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -108,7 +108,8 @@ def _file_list(images) -> Optional[list]:
 
 def square(image: Image.Image, side: int) -> np.ndarray:
     """(side, side, 3) uint8: shorter side resized to `side` (antialiased), centre crop."""
-    image = image.convert("RGB")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     width, height = image.size
     if min(width, height) != side:
         scale = side / min(width, height)

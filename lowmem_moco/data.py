@@ -17,7 +17,6 @@ Every user mistake raises `DataError` with one sentence saying what is wrong and
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import tarfile
@@ -31,6 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
+from torchvision.datasets.utils import calculate_md5
 
 from .augment import eval_transform
 from .config import DataConfig
@@ -136,7 +136,7 @@ class FileImages(LabelledImages):
     """Images read from files on disk (ImageFolder-style sets)."""
 
     def __init__(self, paths: Sequence[str], targets: Sequence[int], classes: list[str]):
-        self.paths = paths if isinstance(paths, _PathTable) else _PathTable([str(p) for p in paths])
+        self.paths = _PathTable([str(p) for p in paths])
         self.targets = [int(t) for t in targets]
         self.classes = list(classes)
 
@@ -319,14 +319,6 @@ def _cifar10_source(cfg: DataConfig) -> DataSplits:
 # ---------------------------------------------------------------- Imagenette / Imagewoof
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _download(url: str, dest: Path) -> None:
     """Fetch `url` to `dest` with a progress bar; a partial file never takes `dest`'s name."""
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
@@ -385,7 +377,7 @@ def _fastai_source(cfg: DataConfig) -> DataSplits:
                 raise DataError(f"{name} is not in {root}; set data.download=true, or download {url} "
                                 f"into {root}/ (the extracted {name}/ folder works too)")
             _download(url, archive)
-        actual = _md5(archive)
+        actual = calculate_md5(archive)
         if actual != md5:
             raise DataError(f"{archive} is incomplete or damaged (md5 {actual}, expected {md5}); "
                             f"delete it and run again to download it afresh")

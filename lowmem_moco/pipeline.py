@@ -91,7 +91,6 @@ class BatchedPipeline(Pipeline):
         folder = Path(d.cache_dir) if d.cache_dir else Path(d.root) / ".lowmem_moco_cache"
         self.cache = DecodedCache.open_or_build(images, folder, d.image_size, name=f"{d.source}-train",
                                                 on_bad_image=d.on_bad_image, progress=rank == 0)
-        self.skipped = len(images) - len(self.cache)  # dropped once, when the cache was built
         self.augment = BatchedMoCoV2(d.image_size)
         self.dtype = dtype
 
