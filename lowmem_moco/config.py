@@ -24,6 +24,25 @@ from .errors import ConfigError
 DATA_SOURCES = ("folder", "cifar10", "imagenette", "imagewoof", "synthetic")
 PRECISIONS = ("no", "fp16", "bf16")
 OPTIMIZERS = ("sgd", "adamw")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Every enumerated key and its documented values. Values are canonical after loading:
+# ALIASES maps what users may write (including what YAML makes of `no`/`off`) onto them.
+CHOICES = {
+    "data.source": DATA_SOURCES,
+    "data.augment": ("auto", "per_image", "batched"),
+    "data.on_bad_image": ("skip", "error"),
+    "model.head": ("mlp", "linear"),
+    "model.resnet_init": ("timm", "torchvision"),
+    "moco.momentum_schedule": ("constant", "cosine"),
+    "train.optimizer": OPTIMIZERS,
+    "train.precision": PRECISIONS,
+    "eval.knn_features": ("backbone", "head"),
+}
+ALIASES = {
+    "train.precision": {"fp32": "no", "off": "no", False: "no"},
+}
 
 
 @dataclass
@@ -32,7 +51,7 @@ class DataConfig:
     root: str = "data"  # folder source: an ImageFolder tree; others: download/cache folder
     train_dir: Optional[str] = None  # folder source: training images (default: root/train or root)
     val_dir: Optional[str] = None  # labelled images for the kNN monitor (default: carved from train)
-    val_fraction: float = 0.1  # share of the training images held out when val_dir is unset
+    val_fraction: float = 0.1  # share of the training images held out when val_dir is unset (0: none)
     image_size: int = 224
     num_workers: int = -1  # -1: one per CPU core, at most 8
     download: bool = True  # built-in sources: fetch the data when it is not in root yet
@@ -48,11 +67,41 @@ class DataConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """The training views' distribution; both view paths (per-image and batched) read it.
+
+    Defaults are MoCo v2's (Chen et al. 2020, official main_moco.py with --aug-plus).
+    """
+
+    crop_scale: list = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area fraction
+    crop_ratio: list = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop aspect ratio
+    jitter_prob: float = 0.8
+    jitter: list = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])  # brightness, contrast, saturation, hue
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    blur_sigma: list = field(default_factory=lambda: [0.1, 2.0])
+    # 0: the published blur, a Gaussian kernel reaching 3 sigma each side (never truncated).
+    # N > 0 caps the kernel's half-width at N pixels: faster, no longer the published blur.
+    blur_max_radius: int = 0
+    flip_prob: float = 0.5
+    mean: list = field(default_factory=lambda: list(IMAGENET_MEAN))  # normalisation, also of eval views
+    std: list = field(default_factory=lambda: list(IMAGENET_STD))
+
+
+# Length of each list-valued augment key, and the range its values must lie in.
+AUGMENT_LISTS = {"crop_scale": 2, "crop_ratio": 2, "jitter": 4, "blur_sigma": 2, "mean": 3, "std": 3}
+
+
+@dataclass
 class ModelConfig:
     arch: str = "resnet18"  # any timm model name
-    small_image_stem: bool = False  # ResNet-style: 3x3 stride-1 stem, no max-pool (32-px data)
+    small_image_stem: bool = False  # 32-px data: stride-1 stem where the family has one we can adapt
+    head: str = "mlp"  # mlp: MoCo v2's Linear-ReLU-Linear | linear: MoCo v1's single Linear
     head_hidden_dim: Optional[int] = None  # MLP head hidden width (default: backbone width)
     dim: int = 128  # output (key/query) dimension
+    # timm: timm's own init | torchvision: the official code's init (ResNets: zero_init_last=False;
+    # other families are unchanged).
+    resnet_init: str = "timm"
     # Extra timm.create_model arguments, e.g. {zero_init_last: false, drop_path_rate: 0.1,
     # channels: [32, 64, 128, 256]} (a narrower ResNet); see the model's timm constructor.
     timm_kwargs: dict = field(default_factory=dict)
@@ -94,13 +143,15 @@ class EvalConfig:
     knn_every: int = 1  # epochs between kNN evaluations (0: never)
     knn_k: int = 200
     knn_t: float = 0.1
-    knn_max_train: int = 10000  # feature-bank size cap, for speed on big data sets
+    knn_max_train: int = 10000  # feature-bank size cap, for speed on big data sets (0: the whole set)
+    knn_features: str = "backbone"  # backbone: pooled backbone features | head: the normalised head output
 
 
 @dataclass
 class Config:
     output_dir: str = "runs/moco"
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     moco: MocoConfig = field(default_factory=MocoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -137,12 +188,30 @@ def _suggest(key: str) -> str:
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
 def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
-    """Check `value` against the field's type; ints are accepted where floats are."""
+    """Check `value` against the field's type; ints are accepted where floats are.
+
+    YAML 1.1 reads `no`/`off` as booleans and a quoted `'no'` as a string: both spellings are
+    accepted for bool keys and for enumerated values (CHOICES, ALIASES).
+    """
     optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
     base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
     if value is None and optional:
         return None
+    if base is list:
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{key} must be a list of numbers, got {value!r} ({where}); e.g. {key}=[0.2,1.0]")
+        return [float(v) for v in value]
+    if base is bool and isinstance(value, str) and value.lower() in _BOOL_WORDS:
+        value = _BOOL_WORDS[value.lower()]
+    if key in ALIASES and isinstance(value, (str, bool)):
+        value = ALIASES[key].get(value.lower() if isinstance(value, str) else value, value)
+    if key in CHOICES and not isinstance(value, str):
+        raise ConfigError(f"{key} must be one of {', '.join(CHOICES[key])}; got {value!r} ({where})")
     ok = (
         (base is bool and isinstance(value, bool))
         or (base is int and isinstance(value, int) and not isinstance(value, bool))
@@ -252,19 +321,51 @@ def save_config(cfg: Config, path: str | Path) -> None:
 # ---------------------------------------------------------------- validation
 
 
-def _choice(key: str, value: str, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+def get_key(cfg: Config, key: str) -> Any:
+    """The value of a dotted key, e.g. get_key(cfg, "train.precision")."""
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _in_range(key: str, value: float, low: float, high: float, what: str) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{key} must be {what}; got {value}")
+
+
+def validate_augment(a: AugmentConfig) -> None:
+    """One line per out-of-range augmentation parameter, naming the key and its valid range."""
+    for name, length in AUGMENT_LISTS.items():
+        if len(getattr(a, name)) != length:
+            raise ConfigError(f"augment.{name} must hold {length} numbers; got {getattr(a, name)}")
+    (s_lo, s_hi), (r_lo, r_hi), (g_lo, g_hi) = a.crop_scale, a.crop_ratio, a.blur_sigma
+    if not 0.0 < s_lo <= s_hi <= 1.0:
+        raise ConfigError(f"augment.crop_scale must be [low, high] with 0 < low <= high <= 1; got {a.crop_scale}")
+    if not 0.0 < r_lo <= r_hi:
+        raise ConfigError(f"augment.crop_ratio must be [low, high] with 0 < low <= high; got {a.crop_ratio}")
+    if not 0.0 < g_lo <= g_hi:
+        raise ConfigError(f"augment.blur_sigma must be [low, high] with 0 < low <= high; got {a.blur_sigma}")
+    for name in ("jitter_prob", "grayscale_prob", "blur_prob", "flip_prob"):
+        _in_range(f"augment.{name}", getattr(a, name), 0.0, 1.0, "a probability in [0, 1]")
+    for name, value in zip(("brightness", "contrast", "saturation"), a.jitter[:3]):
+        _in_range(f"augment.jitter ({name})", value, 0.0, float("inf"), ">= 0")
+    _in_range("augment.jitter (hue)", a.jitter[3], 0.0, 0.5, "in [0, 0.5]")
+    if a.blur_max_radius < 0:
+        raise ConfigError(f"augment.blur_max_radius must be >= 0 (0: no cap); got {a.blur_max_radius}")
+    if min(a.std) <= 0:
+        raise ConfigError(f"augment.std must be positive; got {a.std}")
 
 
 def validate(cfg: Config) -> None:
     d, m, mo, t = cfg.data, cfg.model, cfg.moco, cfg.train
-    _choice("data.source", d.source, DATA_SOURCES)
-    _choice("data.augment", d.augment, ("auto", "per_image", "batched"))
-    _choice("data.on_bad_image", d.on_bad_image, ("skip", "error"))
-    _choice("train.precision", t.precision, PRECISIONS)
-    _choice("train.optimizer", t.optimizer, OPTIMIZERS)
-    _choice("moco.momentum_schedule", mo.momentum_schedule, ("constant", "cosine"))
+    for key, choices in CHOICES.items():
+        value = get_key(cfg, key)
+        if value not in choices:
+            extra = ALIASES.get(key, {})
+            spelled = [str(v) for v in choices] + [v for v in extra if isinstance(v, str)]
+            raise ConfigError(f"{key} must be one of {', '.join(spelled)}; got {value!r}")
+    validate_augment(cfg.augment)
     positive = {
         "data.image_size": d.image_size, "model.dim": m.dim, "moco.queue_size": mo.queue_size,
         "moco.temperature": mo.temperature, "moco.key_chunks": mo.key_chunks,
@@ -278,8 +379,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be positive; got {value}")
     if not 0.0 <= mo.momentum < 1.0:
         raise ConfigError(f"moco.momentum must be in [0, 1); got {mo.momentum} (MoCo v2 uses 0.999, CIFAR 0.99)")
-    if not 0.0 < d.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be between 0 and 1; got {d.val_fraction}")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1) (0: train on every image); got {d.val_fraction}")
+    if cfg.eval.knn_max_train < 0:
+        raise ConfigError(f"eval.knn_max_train must be >= 0 (0: the whole training set); got {cfg.eval.knn_max_train}")
     if t.micro_batch_size is not None and t.micro_batch_size <= 0:
         raise ConfigError(f"train.micro_batch_size must be positive; got {t.micro_batch_size}")
 
