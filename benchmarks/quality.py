@@ -53,12 +53,11 @@ def train_naive(cfg: Config, data: DataSplits, steps: int, device: torch.device,
                       cfg.moco.momentum, device)
     steps_per_epoch = len(pipeline) // t.batch_size
     total = steps_per_epoch * t.epochs
-    warmup = round(t.warmup_epochs * steps_per_epoch)
     step, started = 0, time.perf_counter()
     while step < steps:
         for view_q, view_k, _ in pipeline.epoch(step // steps_per_epoch, step % steps_per_epoch):
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, warmup, t.lr)
+                group["lr"] = lr_at(step, steps_per_epoch, t)
             naive.momentum = momentum_at(step, total, cfg.moco.momentum, cfg.moco.momentum_schedule)
             loss = naive(view_q, view_k)
             step += 1

@@ -1,4 +1,4 @@
-"""`lowmem-moco train RECIPE [key=value ...]`, also as `python -m lowmem_moco` and under
+"""`lowmem-moco train | eval | export | config | views`, also as `python -m lowmem_moco` and under
 `accelerate launch -m lowmem_moco`. User mistakes print one sentence, not a traceback."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import sys
 import warnings
 
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import UserError
 
@@ -27,7 +28,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--protocol", choices=["cached", "paper"], default="cached",
                    help="linear: 'cached' trains on centre-crop features computed once (fast); 'paper' on "
                         "augmented crops every epoch, SGD lr 30 decayed at 60%% and 80%% (the MoCo papers' number)")
-    e.add_argument("--head", action="store_true", help="features after the MLP head instead of the backbone's")
+    e.add_argument("--head", action="store_true", help="features after the head instead of the backbone's (kNN default: the run's eval.knn_features)")
+    c = sub.add_parser("config", help="print the resolved configuration of a recipe and overrides, validated")
+    c.add_argument("recipe", help="a YAML recipe, e.g. recipes/cifar10_resnet18.yaml")
+    c.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. augment.blur_prob=0")
+    v = sub.add_parser("views", help="draw the two training views of the first N images, as training makes them")
+    v.add_argument("recipe", help="a YAML recipe")
+    v.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.augment=batched")
+    v.add_argument("--out", default="views.png", help="the picture: each image's query and key view side by side")
+    v.add_argument("--n", type=int, default=16, help="how many training images (the first N)")
+    v.add_argument("--tensor", help="also save the views as a uint8 tensor (N, 2, 3, S, S), before normalisation")
     x = sub.add_parser("export", help="write a run's backbone as timm-loadable safetensors")
     x.add_argument("run_dir")
     x.add_argument("--out", help="output file (default: RUN_DIR/backbone.safetensors)")
@@ -45,7 +55,20 @@ def _eval(args) -> None:
     from .probe import evaluate_run
 
     evaluate_run(args.run_dir, args.mode, args.overrides, linear_epochs=args.epochs, protocol=args.protocol,
-                 head=args.head)
+                 head=True if args.head else None)
+
+
+def _config(args) -> None:
+    from .config import config_yaml, load_config
+
+    print(config_yaml(load_config(args.recipe, args.overrides)), end="")
+
+
+def _views(args) -> None:
+    from .config import load_config
+    from .view_grid import save_views
+
+    print(f"wrote {save_views(load_config(args.recipe, args.overrides), args.n, args.out, args.tensor)}")
 
 
 def _export(args) -> None:
@@ -58,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    warnings.showwarning = lambda message, category, *a, **k: err.print(f"[yellow]warning:[/] {message}")
+    warnings.showwarning = lambda message, category, *a, **k: err.print(f"[yellow]warning:[/] {escape(str(message))}")
     try:
-        {"train": _train, "eval": _eval, "export": _export}[args.command](args)
+        {"train": _train, "eval": _eval, "export": _export, "config": _config, "views": _views}[args.command](args)
     except UserError as e:
         if args.debug:
             raise
-        err.print(f"[bold red]error:[/] {e}")
+        err.print(f"[bold red]error:[/] {escape(str(e))}")  # messages may hold [brackets]
         return 2
     except KeyboardInterrupt:
         err.print("interrupted; run the same command again to resume from the last checkpoint")

@@ -37,6 +37,7 @@ CHOICES = {
     "model.resnet_init": ("timm", "torchvision"),
     "moco.momentum_schedule": ("constant", "cosine"),
     "train.optimizer": OPTIMIZERS,
+    "train.lr_schedule": ("cosine", "cosine_epoch_start", "cosine_epoch_end"),
     "train.precision": PRECISIONS,
     "eval.knn_features": ("backbone", "head"),
 }
@@ -128,6 +129,9 @@ class TrainConfig:
     lr: float = 0.03
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.0  # linear warm-up before the cosine decay
+    # cosine: decays every step. Once per epoch, as the official code: cosine_epoch_start (main_moco.py,
+    # the value at the epoch's start) | cosine_epoch_end (the CIFAR-10 notebook, the value at its end)
+    lr_schedule: str = "cosine"
     precision: str = "no"  # no | fp16 | bf16
     grad_checkpointing: bool = False
     channels_last: bool = False
@@ -314,8 +318,21 @@ def config_from_dict(tree: dict) -> Config:
     return cfg
 
 
+class _Dumper(yaml.SafeDumper):
+    """Block-style YAML with flat lists on one line ([0.2, 1.0]), as recipes write them."""
+
+
+_Dumper.add_representer(list, lambda dumper, items: dumper.represent_sequence(
+    "tag:yaml.org,2002:seq", items, flow_style=not any(isinstance(v, (list, dict)) for v in items)))
+
+
+def config_yaml(cfg: Config) -> str:
+    """The config as YAML, in schema order."""
+    return yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))
 
 
 # ---------------------------------------------------------------- validation

@@ -183,7 +183,9 @@ class ArrayImages(LabelledImages):
 @dataclass
 class DataSplits:
     train: LabelledImages  # what MoCo trains on (its labels are only for reports)
-    val: LabelledImages  # labelled held-out images for the kNN monitor
+    # Labelled held-out images for the kNN monitor and probes; None when data.val_fraction is 0
+    # and the source has no test split of its own (nothing to test on).
+    val: LabelledImages | None
     classes: list[str]
 
 
@@ -271,7 +273,7 @@ def _check_sizes(splits: DataSplits, where: str) -> DataSplits:
     if len(splits.train) < 2:
         raise DataError(f"{where} has {len(splits.train)} training image(s) after holding out validation images; "
                         f"MoCo needs at least 2 (many more in practice), so add images")
-    if len(splits.val) < 1:
+    if splits.val is not None and len(splits.val) < 1:
         raise DataError(f"{where} leaves no images for validation; give each class at least 2 images "
                         f"or set data.val_dir to a labelled folder")
     return splits
@@ -286,6 +288,9 @@ def _folder_source(cfg: DataConfig) -> DataSplits:
     train = _image_folder(train_dir, setting)
     if cfg.val_dir:
         val = _image_folder(Path(cfg.val_dir), "data.val_dir", train.classes)
+    elif cfg.val_fraction == 0:  # train on every image; test on root/val when there is one
+        beside = root / "val"
+        val = _image_folder(beside, "data.root", train.classes) if train_dir != beside and beside.is_dir() else None
     else:
         train, val = split_off_val(train, cfg.val_fraction)
     return _check_sizes(DataSplits(train, val, train.classes), str(train_dir))
@@ -312,8 +317,26 @@ def _cifar10_source(cfg: DataConfig) -> DataSplits:
                             f"cifar-10-python.tar.gz (or its cifar-10-batches-py folder) in {root}, or a JPEG "
                             f"copy as {root}/train/<class>/<image>.jpg") from None
         images = ArrayImages(data.data, data.targets, data.classes)
-    train, val = split_off_val(images, cfg.val_fraction)
+    if cfg.val_fraction > 0:
+        train, val = split_off_val(images, cfg.val_fraction)
+    else:  # every training image, as the official notebook; the 10,000-image test split when present
+        train, val = images, _cifar10_test(cfg, images.classes)
     return _check_sizes(DataSplits(train, val, images.classes), f"CIFAR-10 in {root}")
+
+
+def _cifar10_test(cfg: DataConfig, classes: list[str]) -> LabelledImages | None:
+    """CIFAR-10's test split: a JPEG copy (root/test or root/val) or torchvision's archive; None if absent."""
+    root = Path(cfg.root)
+    for name in ("test", "val"):
+        if (root / name).is_dir():
+            return _image_folder(root / name, "data.root", classes)
+    from torchvision.datasets import CIFAR10
+
+    try:
+        data = CIFAR10(str(root), train=False, download=False)
+    except RuntimeError:  # not downloaded: the training images came as JPEGs alone
+        return None
+    return ArrayImages(data.data, data.targets, data.classes)
 
 
 # ---------------------------------------------------------------- Imagenette / Imagewoof

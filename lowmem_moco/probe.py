@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
-from .backbones import encoder_from_config
+from .backbones import Encoder, encoder_from_config
 from .checkpoint import atomic_write_bytes, export_backbone, load_latest
 from .config import Config, config_from_dict, load_config, read_recipe
 from .augment import linear_train_transform
@@ -29,14 +30,17 @@ from .errors import UserError
 from .evaluate import extract_features, knn_accuracy, linear_probe, linear_probe_augmented
 
 
-def load_run(run_dir: str | Path, overrides: list[str] = (), head: bool = False
+def load_run(run_dir: str | Path, overrides: list[str] = (), head: bool | None = False
              ) -> tuple[Config, torch.nn.Module, int]:
-    """(config with overrides, the run's backbone (with its MLP head when `head`), training step
-    of those weights)."""
+    """(config with overrides, the run's backbone (with its head when `head`; None: as the run's
+    eval.knn_features says), training step of those weights)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a lowmem-moco run (no config.yaml); give the output_dir of a training run")
     cfg = load_config(None, overrides, base=config_from_dict(read_recipe(run_dir / "config.yaml")))
+    asked = head
+    if head is None:
+        head = cfg.eval.knn_features == "head"
     encoder = encoder_from_config(cfg)
     found = load_latest(run_dir)
     if found is not None:
@@ -47,9 +51,11 @@ def load_run(run_dir: str | Path, overrides: list[str] = (), head: bool = False
     exported = run_dir / "backbone.safetensors"
     if not exported.is_file():
         raise UserError(f"{run_dir} has neither checkpoints nor backbone.safetensors; train first")
-    if head:
+    if head and asked:
         raise UserError(f"{run_dir} has no checkpoint, and the exported backbone has no head; "
                         f"evaluate backbone features (drop --head)")
+    if head:
+        warnings.warn(f"{run_dir} has no checkpoint, so no head (eval.knn_features=head): using backbone features")
     encoder.backbone.load_state_dict(load_file(exported))
     return cfg, encoder.backbone, json.loads(exported.with_suffix(".json").read_text()).get("step", -1)
 
@@ -100,12 +106,17 @@ def probe(cfg: Config, model, data: DataSplits, mode: str, step: int, cache: Pat
 
 
 def evaluate_run(run_dir: str | Path, mode: str, overrides: list[str] = (), linear_epochs: int = 100,
-                 protocol: str = "cached", head: bool = False, console: Console | None = None) -> dict:
+                 protocol: str = "cached", head: bool | None = None, console: Console | None = None) -> dict:
+    """`head`: probe the head's output; None: kNN as the run's eval.knn_features says, linear on the backbone."""
     console = console or Console(highlight=False, soft_wrap=True)
     run_dir = Path(run_dir)
-    cfg, model, step = load_run(run_dir, overrides, head)
+    cfg, model, step = load_run(run_dir, overrides, head if head is not None or mode == "knn" else False)
+    head = isinstance(model, Encoder)  # what load_run chose
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = build_datasets(cfg.data)
+    if data.val is None:
+        raise UserError(f"{run_dir} trained on every image (data.val_fraction=0) and the data has no test split; "
+                        f"point data.val_dir=... at labelled test images, or hold some out with data.val_fraction=0.1")
     started = time.perf_counter()
     result, settings = probe(cfg, model, data, mode, step, run_dir / "features", device, linear_epochs, protocol)
     train_n, val_n = len(data.train), len(data.val)

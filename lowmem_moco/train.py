@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 
 from .backbones import encoder_from_config, enable_grad_checkpointing
 from .checkpoint import export_backbone, join_state, load_latest, save_checkpoint, split_state
-from .config import Config, config_from_dict, save_config
+from .config import Config, TrainConfig, config_from_dict, save_config
 from .data import EvalImages, build_datasets
 from .errors import CheckpointError, ConfigError, UserError
 from .evaluate import extract_features, knn_accuracy
@@ -36,12 +36,21 @@ from .step import MoCoStep
 # ------------------------------------------------------------------ schedule
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
-    """Linear warm-up, then cosine decay to zero, per optimizer step."""
+def lr_at(step: int, steps_per_epoch: int, t: TrainConfig) -> float:
+    """Learning rate of optimizer step `step`: linear warm-up, then cosine decay to zero.
+
+    `cosine` decays every step. The official code sets the rate once per epoch, to
+    lr * (1 + cos(pi * e / E)) / 2 for epoch e of E: main_moco.py counts e from 0
+    (`cosine_epoch_start`), the CIFAR-10 notebook from 1 (`cosine_epoch_end`).
+    """
+    total_steps, warmup_steps = steps_per_epoch * t.epochs, round(t.warmup_epochs * steps_per_epoch)
     if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
+        return t.lr * (step + 1) / warmup_steps
+    if t.lr_schedule != "cosine":
+        epoch = step // steps_per_epoch + (t.lr_schedule == "cosine_epoch_end")
+        return t.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / t.epochs))
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return t.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 # ------------------------------------------------------------------ set-up helpers
@@ -121,6 +130,12 @@ class Trainer:
             prepare_output_dir(self.out)
 
         self.data = build_datasets(cfg.data)
+        # No labelled test images (data.val_fraction=0 and no test split): nothing to monitor.
+        self.knn_every = cfg.eval.knn_every if self.data.val is not None else 0
+        if cfg.eval.knn_every and self.data.val is None and self.main:
+            warnings.warn("the kNN monitor is off: data.val_fraction=0 and the data has no test split (a val/ "
+                          "folder beside train/, data.val_dir, or CIFAR-10's test batch); give one, or set "
+                          "data.val_fraction=0.1 to hold out 10% of the training images", stacklevel=2)
         world = self.acc.num_processes
         if cfg.train.batch_size % (world * cfg.micro_batch):
             raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must split into {world} processes x "
@@ -230,14 +245,21 @@ class Trainer:
     # -------------------------------------------------------------- evaluation
 
     def knn(self) -> float:
+        """Weighted kNN top-1 of the held-out images against a bank of training images (eval views).
+
+        eval.knn_features picks the backbone's pooled features or the head's output (the official
+        CIFAR-10 notebook's monitor); eval.knn_max_train caps the bank (0: every training image).
+        """
         cfg = self.cfg
-        bank_size = min(len(self.data.train), cfg.eval.knn_max_train)
-        bank_idx = torch.randperm(len(self.data.train), generator=torch.Generator().manual_seed(0))[:bank_size]
-        loaders = [self._eval_loader(self.data.train.subset(bank_idx.tolist())), self._eval_loader(self.data.val)]
-        backbone = self.moco.encoder_q.backbone
+        train = self.data.train
+        bank_size = min(len(train), cfg.eval.knn_max_train or len(train))
+        if bank_size < len(train):  # a fixed random subset: the same bank at every evaluation
+            train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:bank_size].tolist())
+        encoder = self.moco.encoder_q
+        model = encoder if cfg.eval.knn_features == "head" else encoder.backbone
         (bank, bank_y), (val, val_y) = [
-            extract_features(backbone, ld, self.device, autocast=self.acc.autocast,
-                             channels_last=cfg.train.channels_last) for ld in loaders]
+            extract_features(model, self._eval_loader(images), self.device, autocast=self.acc.autocast,
+                             channels_last=cfg.train.channels_last) for images in (train, self.data.val)]
         bank, bank_y, val = bank.to(self.device), bank_y.to(self.device), val.to(self.device)
         return knn_accuracy(bank, bank_y, val, val_y.to(self.device), len(self.data.classes),
                             k=cfg.eval.knn_k, t=cfg.eval.knn_t)["top1"]
@@ -255,8 +277,7 @@ class Trainer:
         metrics = MetricsLog(self.out / "metrics.jsonl", self.main, truncate_after=self.step)
         progress = Progress(self.stop_step, enabled=self.main)
         progress.describe(self._summary())
-        warmup = round(t.warmup_epochs * self.steps_per_epoch)
-        if self.step == 0 and cfg.eval.knn_every:
+        if self.step == 0 and self.knn_every:
             metrics.write(epoch=0, step=0, kind="eval", knn_top1=self.knn())
             progress.note(f"kNN top-1 before training: {metrics.last['knn_top1']:.2f}%")
         last = {}
@@ -268,7 +289,7 @@ class Trainer:
                 epoch_images, epoch_start = 0, time.perf_counter()
                 window_start, window_images = time.perf_counter(), 0
                 for view_q, view_k, skipped in self.pipeline.epoch(epoch, start):
-                    lr = lr_at(self.step, self.total_steps, warmup, t.lr)
+                    lr = lr_at(self.step, self.steps_per_epoch, t)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     m = momentum_at(self.step, self.total_steps, cfg.moco.momentum, cfg.moco.momentum_schedule)
@@ -302,7 +323,7 @@ class Trainer:
                               lr=last.get("lr", 0.0),
                               images_per_sec=epoch_images / (time.perf_counter() - epoch_start),
                               peak_mem_mb=peak_memory_mb(self.device), **self.counters_public())
-                if cfg.eval.knn_every and ((epoch + 1) % cfg.eval.knn_every == 0 or self.step >= self.stop_step):
+                if self.knn_every and ((epoch + 1) % self.knn_every == 0 or self.step >= self.stop_step):
                     record["knn_top1"] = self.knn()
                 metrics.write(**record)
                 progress.epoch_line(record)

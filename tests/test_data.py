@@ -129,6 +129,21 @@ def test_cifar10_uses_extracted_jpeg_folder(cifar_folder):
     assert len(splits.train) + len(splits.val) == 400 and "airplane" in splits.classes
 
 
+def test_val_fraction_zero_trains_on_every_image_and_tests_on_a_test_split(tmp_path, cifar_folder):
+    alone = build_datasets(folder_cfg(cifar_folder, val_fraction=0.0))
+    assert len(alone.train) == 400 and alone.val is None  # nothing to test on: the monitor goes off
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "train").symlink_to(cifar_folder, target_is_directory=True)
+    make_folder(root / "val", {"airplane": 2, "truck": 3})
+    beside = build_datasets(folder_cfg(root, val_fraction=0.0))
+    assert len(beside.train) == 400 and len(beside.val) == 5
+    assert sorted(set(beside.val.targets)) == [beside.classes.index("airplane"), beside.classes.index("truck")]
+    (root / "val").rename(root / "test")  # a CIFAR-10 JPEG copy's test split
+    cifar = build_datasets(DataConfig(source="cifar10", root=str(root), val_fraction=0.0, download=False))
+    assert len(cifar.train) == 400 and len(cifar.val) == 5
+
+
 # ---------------------------------------------------------------- Imagenette / Imagewoof
 
 

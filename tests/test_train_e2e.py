@@ -100,6 +100,28 @@ def test_folder_data_from_real_jpegs_trains_and_measures_knn(tmp_path, cifar_fol
     assert torch.isfinite(torch.tensor(last["loss"]))
 
 
+def test_knn_monitor_reads_the_configured_features_and_bank(tmp_path, monkeypatch):
+    import lowmem_moco.train as train_module
+
+    banks = []
+    real = train_module.knn_accuracy
+    monkeypatch.setattr(train_module, "knn_accuracy", lambda bank, *a, **k: banks.append(bank.shape) or real(bank, *a, **k))
+    trainer = Trainer(load_config(None, [*TINY, f"output_dir={tmp_path}", "eval.knn_features=head",
+                                         "eval.knn_max_train=0"]))
+    trainer.knn()
+    trainer.cfg.eval.knn_features, trainer.cfg.eval.knn_max_train = "backbone", 50
+    trainer.knn()
+    width = trainer.moco.encoder_q.head[0].in_features
+    assert banks == [(len(trainer.data.train), 16), (50, width)]  # head: 16-d (model.dim); backbone: capped
+
+
+def test_training_on_every_image_without_a_test_split_turns_the_monitor_off(tmp_path, cifar_folder):
+    with pytest.warns(UserWarning, match="kNN monitor is off: data.val_fraction=0"):
+        last = run(tmp_path, "data.source=folder", f"data.root={cifar_folder}", "data.val_fraction=0",
+                   "train.epochs=1", "train.batch_size=128", "train.micro_batch_size=64", "moco.queue_size=256")
+    assert last["kind"] == "epoch" and "knn_top1" not in last and last["step"] == 400 // 128
+
+
 def test_cli_prints_one_clear_line_for_user_errors(tmp_path, capsys):
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err
