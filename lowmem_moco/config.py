@@ -39,6 +39,7 @@ CHOICES = {
     "train.optimizer": OPTIMIZERS,
     "train.lr_schedule": ("cosine", "cosine_epoch_start", "cosine_epoch_end"),
     "train.precision": PRECISIONS,
+    "train.log_with": ("none", "tensorboard", "wandb"),
     "eval.knn_features": ("backbone", "head"),
 }
 ALIASES = {
@@ -140,6 +141,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     log_every: int = 10  # optimizer steps between metric lines
     max_nonfinite_steps: int = 20  # consecutive skipped (non-finite) steps before stopping
+    log_with: str = "none"  # none | tensorboard | wandb: metrics.jsonl's records also go there (accelerate's trackers)
 
 
 @dataclass
@@ -324,6 +326,12 @@ class _Dumper(yaml.SafeDumper):
 
 _Dumper.add_representer(list, lambda dumper, items: dumper.represent_sequence(
     "tag:yaml.org,2002:seq", items, flow_style=not any(isinstance(v, (list, dict)) for v in items)))
+
+
+def flat_config(cfg: Config) -> dict:
+    """{dotted key: value}, lists and mappings as text: what experiment trackers store as hyper-parameters."""
+    return {key: value if isinstance(value, (bool, int, float, str, type(None))) else str(value)
+            for key, value in _flatten(cfg.to_dict()).items()}
 
 
 def config_yaml(cfg: Config) -> str:

@@ -1,13 +1,16 @@
-"""What the user sees while training.
+"""What the user sees while training, and what is recorded.
 
 In a terminal: a live rich progress bar with epoch, step, loss, lr, img/s, peak memory and
 ETA. When stdout is not a terminal (a notebook's `!` command, a log file), live bars do not
 animate, so the same figures come as plain lines every `log_every` steps and at epoch ends.
+Every record goes to metrics.jsonl and, with train.log_with, to accelerate's trackers.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -78,3 +81,43 @@ class Progress:
     def epoch_line(self, record: dict) -> None:
         done = record.get("kind") == "epoch"
         self.print(f"[bold]{'end of' if done else 'stopped in'}[/] {_fmt(record)}")
+
+
+def trackers(log_with: str) -> str | None:
+    """accelerate's `log_with` for train.log_with; a tracker whose package is missing is named."""
+    if log_with == "none":
+        return None
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[log_with]():
+        from .errors import ConfigError
+
+        raise ConfigError(f"train.log_with={log_with} needs the {log_with} package: pip install {log_with}; "
+                          f"or set train.log_with=none (metrics.jsonl is always written)")
+    return log_with
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object per line; on resume, lines past the checkpoint are dropped
+    so that the file reads as if the run had never been interrupted. With trackers, every
+    record's numbers are logged too, as `<kind>/<name>` (e.g. step/loss, epoch/knn_top1)."""
+
+    def __init__(self, path: Path, enabled: bool, truncate_after: int, accelerator=None):
+        self.path, self.enabled, self.last, self.accelerator = path, enabled, {}, accelerator
+        if enabled and path.exists():
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            kept = [json.dumps(r) for r in records
+                    if r["step"] <= truncate_after and r.get("kind") != "partial_epoch"]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, **record) -> None:
+        self.last = {**self.last, **record}
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.accelerator is not None and self.accelerator.trackers:
+            kind = record.get("kind", "step")
+            numbers = {f"{kind}/{k}": v for k, v in record.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+            self.accelerator.log(numbers, step=record["step"])

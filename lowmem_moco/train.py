@@ -23,13 +23,13 @@ from accelerate.utils import set_seed
 
 from .backbones import encoder_from_config, enable_grad_checkpointing
 from .checkpoint import export_backbone, join_state, load_latest, save_checkpoint, split_state
-from .config import Config, TrainConfig, config_from_dict, save_config
+from .config import Config, TrainConfig, config_from_dict, flat_config, save_config
 from .data import EvalImages, build_datasets
 from .errors import CheckpointError, ConfigError, UserError
 from .evaluate import extract_features, knn_accuracy
 from .moco import MoCo, momentum_at
 from .pipeline import build_pipeline
-from .progress import Progress
+from .progress import MetricsLog, Progress, trackers
 from .step import MoCoStep
 
 
@@ -116,7 +116,8 @@ class Trainer:
         precision = resolve_precision(cfg.train.precision)
         # No DDP buffer broadcast at each forward: the step merges BatchNorm running statistics
         # itself, to the values one process would hold (moco.merge_bn_stats).
-        self.acc = Accelerator(mixed_precision=precision,
+        self.acc = Accelerator(mixed_precision=precision, log_with=trackers(cfg.train.log_with),
+                               project_dir=str(self.out),
                                kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         self.device = self.acc.device
         self.main = self.acc.is_main_process
@@ -181,6 +182,7 @@ class Trainer:
         self.resumed_from = self._resume()
         if self.main:
             save_config(cfg, self.out / "config.yaml")
+        self.acc.init_trackers(self.out.name, config=flat_config(cfg))
 
     # -------------------------------------------------------------- state
 
@@ -274,7 +276,7 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        metrics = MetricsLog(self.out / "metrics.jsonl", self.main, truncate_after=self.step)
+        metrics = MetricsLog(self.out / "metrics.jsonl", self.main, truncate_after=self.step, accelerator=self.acc)
         progress = Progress(self.stop_step, enabled=self.main)
         progress.describe(self._summary())
         if self.step == 0 and self.knn_every:
@@ -330,6 +332,7 @@ class Trainer:
                 self.save()
         if self.main:
             self.export()
+        self.acc.end_training()  # closes the trackers' files and runs
         return metrics.last
 
     def counters_public(self) -> dict:
@@ -375,25 +378,6 @@ class Trainer:
                 f", K {c.moco.queue_size}"
                 f" | {len(self.data.train)} images, {self.steps_per_epoch} steps/epoch, {c.train.epochs} epochs"
                 f" | output {self.out}{resumed}")
-
-
-class MetricsLog:
-    """metrics.jsonl, one JSON object per line; on resume, lines past the checkpoint are dropped
-    so that the file reads as if the run had never been interrupted."""
-
-    def __init__(self, path: Path, enabled: bool, truncate_after: int):
-        self.path, self.enabled, self.last = path, enabled, {}
-        if enabled and path.exists():
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            kept = [json.dumps(r) for r in records
-                    if r["step"] <= truncate_after and r.get("kind") != "partial_epoch"]
-            path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, **record) -> None:
-        self.last = {**self.last, **record}
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 def train(cfg: Config) -> dict:

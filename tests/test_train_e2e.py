@@ -14,6 +14,7 @@ from lowmem_moco.backbones import make_small_image_stem
 from lowmem_moco.checkpoint import list_checkpoints, read_checkpoint
 from lowmem_moco.cli import main
 from lowmem_moco.config import load_config
+from lowmem_moco.errors import UserError
 from lowmem_moco.train import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,3 +148,39 @@ def test_batched_augmentation_trains_end_to_end_from_the_decoded_cache(tmp_path)
     last = run(tmp_path, "data.augment=batched", f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1")
     assert last["kind"] == "epoch" and torch.isfinite(torch.tensor(last["loss"]))
     assert any(p.suffix == ".npy" for p in (tmp_path / "cache").iterdir())
+
+
+def test_trackers_receive_every_metrics_record_and_missing_packages_are_named(tmp_path, monkeypatch):
+    from accelerate.tracking import GeneralTracker
+
+    import lowmem_moco.progress as progress
+    import lowmem_moco.train as train_module
+
+    class Recorder(GeneralTracker):
+        name, requires_logging_directory = "recorder", False
+
+        def __init__(self):
+            super().__init__()
+            self.config, self.logged = None, []
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.config = values
+
+        def log(self, values, step=None, **kwargs):
+            self.logged.append((step, values))
+
+    recorder = Recorder()
+    monkeypatch.setattr(train_module, "trackers", lambda log_with: [recorder])
+    run(tmp_path, "train.epochs=1")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    expected = [(r["step"], {f"{r['kind']}/{k}": v for k, v in r.items()
+                             if k not in ("step", "kind") and not isinstance(v, (bool, str))}) for r in records]
+    assert recorder.logged == expected and any("epoch/knn_top1" in values for _, values in expected)
+    assert recorder.config["train.batch_size"] == 32 and recorder.config["augment.crop_scale"] == "[0.2, 1.0]"
+    monkeypatch.setattr("accelerate.utils.is_tensorboard_available", lambda: False)
+    with pytest.raises(UserError, match="train.log_with=tensorboard needs the tensorboard package: pip install"):
+        progress.trackers("tensorboard")
