@@ -332,7 +332,8 @@ class Trainer:
                 self.save()
         if self.main:
             self.export()
-        self.acc.end_training()  # closes the trackers' files and runs
+        for tracker in self.acc.trackers:  # not acc.end_training(): it also ends the process group
+            tracker.finish()
         return metrics.last
 
     def counters_public(self) -> dict:
