@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 
-from .backbones import encoder_from_config, enable_grad_checkpointing
+from .backbones import backbone_plan_from_config, encoder_from_config, enable_grad_checkpointing
 from .checkpoint import export_backbone, join_state, load_latest, save_checkpoint, split_state
 from .config import Config, config_from_dict, save_config
 from .data import EvalImages, build_datasets
@@ -87,14 +87,19 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def check_compatible(saved: Config, cfg: Config, path: Path) -> None:
     """A checkpoint resumes only into the same model; other changes are allowed."""
-    fields = ["model.arch", "model.small_image_stem", "model.dim", "model.head_hidden_dim", "model.timm_kwargs",
-              "moco.queue_size"]
+    fields = ["model.arch", "model.small_image_stem", "model.dim", "model.head", "model.head_hidden_dim",
+              "model.resnet_init", "model.timm_kwargs", "moco.queue_size"]
     for name in fields:
         section, key = name.split(".")
         old, new = getattr(getattr(saved, section), key), getattr(getattr(cfg, section), key)
         if old != new:
             raise CheckpointError(f"{path} was trained with {name}={old!r} but the config says {new!r}; "
                                   f"use the same {name} to resume, or a new output_dir to start afresh")
+    # The same keys can still build another backbone, e.g. a ViT sized by data.image_size.
+    old, new = backbone_plan_from_config(saved).timm_kwargs, backbone_plan_from_config(cfg).timm_kwargs
+    if old != new:
+        raise CheckpointError(f"{path} holds a {cfg.model.arch} built with {old} but this config builds it with "
+                              f"{new}; resume with the run's data.image_size and model settings, or a new output_dir")
 
 
 # ------------------------------------------------------------------ the trainer
@@ -120,6 +125,7 @@ class Trainer:
         if self.main:
             prepare_output_dir(self.out)
 
+        backbone_plan_from_config(cfg)  # an unknown model.arch or timm kwarg fails before any data work
         self.data = build_datasets(cfg.data)
         world = self.acc.num_processes
         if cfg.train.batch_size % (world * cfg.micro_batch):
