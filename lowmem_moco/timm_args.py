@@ -28,11 +28,11 @@ from torch import nn
 
 from .errors import ConfigError
 
-# Consumed by timm.create_model / build_model_with_cfg themselves, so every architecture takes them.
+# Consumed by timm.create_model itself, so every architecture takes them. Others that look
+# general (drop_path_rate, drop_block_rate, ...) reach the model class, which may refuse them.
 CREATE_MODEL_ARGUMENTS = frozenset({
     "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
-    "scriptable", "exportable", "no_jit", "drop_rate", "drop_path_rate", "drop_block_rate",
-    "global_pool", "in_chans"})
+    "scriptable", "exportable", "no_jit"})
 # The project decides these itself.
 RESERVED_ARGUMENTS = {"num_classes": "the projection head replaces the classifier",
                       "features_only": "the backbone must return pooled features"}
@@ -192,6 +192,6 @@ def plan_backbone(arch: str, image_size: int, small_image_stem: bool = False, ti
     rebuild_stem = False
     if small_image_stem:
         stem_kwargs, rebuild_stem, note = _small_image_stem(arch, model, image_size)
-        kwargs.update(stem_kwargs)
+        kwargs.update({k: v for k, v in stem_kwargs.items() if k not in requested})  # an explicit kwarg wins
         notes += [note] if note else []
     return BackbonePlan(arch, kwargs, rebuild_stem, tuple(notes))
