@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--protocol", choices=["cached", "paper"], default="cached",
                    help="linear: 'cached' trains on centre-crop features computed once (fast); 'paper' on "
                         "augmented crops every epoch, SGD lr 30 decayed at 60%% and 80%% (the MoCo papers' number)")
-    e.add_argument("--head", action="store_true", help="features after the MLP head instead of the backbone's")
+    e.add_argument("--head", action="store_true", help="features after the projection head (model.head) instead of the backbone's")
     x = sub.add_parser("export", help="write a run's backbone as timm-loadable safetensors")
     x.add_argument("run_dir")
     x.add_argument("--out", help="output file (default: RUN_DIR/backbone.safetensors)")

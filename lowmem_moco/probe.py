@@ -31,7 +31,7 @@ from .evaluate import extract_features, knn_accuracy, linear_probe, linear_probe
 
 def load_run(run_dir: str | Path, overrides: list[str] = (), head: bool = False
              ) -> tuple[Config, torch.nn.Module, int]:
-    """(config with overrides, the run's backbone (with its MLP head when `head`), training step
+    """(config with overrides, the run's backbone (with its projection head when `head`), training step
     of those weights)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
