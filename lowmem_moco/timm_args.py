@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import timm
 import torch
+from timm.layers import PatchEmbed
 from timm.models.convnext import ConvNeXt
 from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
@@ -146,15 +147,15 @@ def _small_image_stem(arch: str, model: nn.Module | None, image_size: int) -> tu
         first = model.stem[0]
         if first.kernel_size == first.stride:  # the patchify stem; patch 1 keeps the full resolution
             return {"patch_size": 1}, False, None
-    if isinstance(model, VisionTransformer):
+    if isinstance(model, VisionTransformer) and isinstance(model.patch_embed, PatchEmbed):  # not a hybrid's CNN
         own = model.patch_embed.patch_size[0]
         patch = min(own, SMALL_IMAGE_PATCH)
         if image_size % patch:
             raise ConfigError(f"model.small_image_stem gives {arch} patches of {patch} px, which do not tile "
                               f"data.image_size={image_size}; use an image size divisible by {patch}")
         return {"patch_size": patch}, False, None
-    return {}, False, (f"model.small_image_stem is not applied to {arch}: the project adapts the stems of "
-                       f"ResNets, ConvNeXts and ViTs only")
+    return {}, False, (f"model.small_image_stem is not applied to {arch}: the project adapts ResNet stems, "
+                       f"ConvNeXt patchify stems and ViT patch embeddings only")
 
 
 def plan_backbone(arch: str, image_size: int, small_image_stem: bool = False, timm_kwargs: dict | None = None,

@@ -138,7 +138,7 @@ def test_small_image_stem_elsewhere_is_one_log_line_and_no_change(caplog):
     asked = create_backbone("mobilenetv3_small_050", 32, small_image_stem=True)[0].state_dict()
     assert all(torch.equal(plain[k], asked[k]) for k in plain)
     assert notes(caplog) == ["model.small_image_stem is not applied to mobilenetv3_small_050: the project adapts "
-                             "the stems of ResNets, ConvNeXts and ViTs only"]
+                             "ResNet stems, ConvNeXt patchify stems and ViT patch embeddings only"]
     with pytest.raises(ConfigError):
         make_small_image_stem(torch.nn.Linear(2, 2))
 
