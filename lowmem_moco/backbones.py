@@ -1,11 +1,16 @@
-"""Backbones by timm name, with the switches that change memory but not the maths.
+"""Backbones by timm name, the projection head, and the switches that change memory but not the maths.
 
     backbone, width = create_backbone("resnet18", image_size=32, small_image_stem=True)
+
+Any timm name works with any recipe: timm_args.plan_backbone applies each model setting where
+the architecture takes it and logs one line for each it does not.
 """
 
 from __future__ import annotations
 
-import difflib
+import json
+import logging
+from pathlib import Path
 
 import timm
 import torch
@@ -15,39 +20,49 @@ from timm.models.resnet import ResNet
 from torch import nn
 
 from .errors import ConfigError
+from .timm_args import BackbonePlan, plan_backbone
+
+log = logging.getLogger(__name__)
 
 
 def create_backbone(arch: str, image_size: int, small_image_stem: bool = False,
-                    timm_kwargs: dict | None = None) -> tuple[nn.Module, int]:
+                    timm_kwargs: dict | None = None, resnet_init: str = "timm") -> tuple[nn.Module, int]:
     """A randomly initialised timm model without classifier; returns (model, feature width).
 
-    `timm_kwargs` go to timm.create_model as they are (model.timm_kwargs in a recipe).
+    `timm_kwargs` (model.timm_kwargs) reach timm.create_model where `arch` accepts them.
     """
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
-        hint = f"; close names: {', '.join(close)}" if close else "; list names with timm.list_models('*pattern*')"
-        raise ConfigError(f"model.arch {arch!r} is not a timm model{hint}")
-    kwargs = dict(timm_kwargs or {}, num_classes=0)
+    plan = plan_backbone(arch, image_size, small_image_stem, timm_kwargs, resnet_init)
+    for note in plan.notes:
+        log.warning(note)
+    model = build_planned(plan)
+    return model, feature_width(model, image_size)
+
+
+def build_planned(plan: BackbonePlan) -> nn.Module:
+    """The backbone a plan describes; also how an exported backbone is rebuilt (backbone.json)."""
     try:
-        try:
-            # Transformers take the input size as a constructor argument; convnets refuse it.
-            model = timm.create_model(arch, **{"img_size": image_size, **kwargs})
-        except TypeError:
-            model = timm.create_model(arch, **kwargs)
+        model = timm.create_model(plan.arch, num_classes=0, **plan.timm_kwargs)
     except Exception as err:
-        if not timm_kwargs:
+        if not plan.timm_kwargs:
             raise
-        raise ConfigError(f"timm could not build {arch} with model.timm_kwargs={timm_kwargs}: {err}; "
-                          f"use arguments that {arch}'s timm constructor accepts") from None
-    if small_image_stem:
-        make_small_image_stem(model, arch)
-    return model, output_width(model, image_size)
+        raise ConfigError(f"timm could not build {plan.arch} with {plan.timm_kwargs}: {err}; "
+                          f"check the values in model.timm_kwargs") from None
+    return make_small_image_stem(model, plan.arch) if plan.rebuild_stem else model
+
+
+def feature_width(model: nn.Module, image_size: int) -> int:
+    """Width of the pooled features: timm's head_hidden_size (the width after a conv head such
+    as MobileNetV3's, which num_features does not count), else num_features, else measured."""
+    for name in ("head_hidden_size", "num_features"):
+        width = getattr(model, name, None)
+        if isinstance(width, int) and width > 0:
+            return width
+    return output_width(model, image_size)
 
 
 @torch.no_grad()
 def output_width(model: nn.Module, image_size: int) -> int:
-    """Width of the pooled features, measured: some families (MobileNetV3) add a conv head
-    after what timm calls num_features."""
+    """Width of the pooled features, measured on one blank image."""
     was_training = model.training
     width = model.eval()(torch.zeros(1, 3, image_size, image_size)).shape[-1]
     model.train(was_training)
@@ -55,17 +70,32 @@ def output_width(model: nn.Module, image_size: int) -> int:
 
 
 def make_small_image_stem(model: nn.Module, arch: str = "") -> nn.Module:
-    """ResNet-style stem for 32-px images: 3x3 stride-1 first conv and no max-pool.
+    """A ResNet's stem for 32-px images: stride 1 and no max-pool, so the stem keeps the resolution.
 
-    Also how to rebuild an exported small-stem backbone before loading its weights.
+    A plain stem's 7x7 stride-2 conv becomes a 3x3 stride-1 conv (the CIFAR ResNet's); a deep
+    stem (resnet*d, resnet10t) keeps its three 3x3 convs with the first one's stride set to 1.
+    Also how to rebuild an exported small-stem ResNet before loading its weights.
     """
     conv = getattr(model, "conv1", None)
-    if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
-        raise ConfigError(f"model.small_image_stem works for ResNet-style models with a single conv1 and a "
-                          f"max-pool (e.g. resnet18, resnet50); {arch or type(model).__name__} has none. "
-                          f"Set model.small_image_stem=false")
-    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False)
+    first = conv[0] if isinstance(conv, nn.Sequential) and len(conv) else conv
+    if not isinstance(model, ResNet) or not isinstance(first, nn.Conv2d):
+        raise ConfigError(f"make_small_image_stem adapts timm ResNets (plain or deep stem); "
+                          f"{arch or type(model).__name__} is not one. Set model.small_image_stem=false")
+    if isinstance(conv, nn.Sequential):
+        first.stride = (1, 1)
+    else:
+        model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
+    return model
+
+
+def load_exported_backbone(path: str | Path) -> nn.Module:
+    """An exported backbone (backbone.safetensors next to its backbone.json), rebuilt and loaded."""
+    path = Path(path)
+    info = json.loads(path.with_suffix(".json").read_text())
+    plan = BackbonePlan(info["arch"], info["timm_kwargs"], info.get("rebuild_small_image_stem", False), ())
+    model = build_planned(plan)
+    model.load_state_dict(timm.models.load_state_dict(str(path)))
     return model
 
 
@@ -110,6 +140,15 @@ class MLPHead(nn.Sequential):
         super().__init__(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
+def build_head(kind: str, in_dim: int, out_dim: int, hidden_dim: int | None = None) -> nn.Module:
+    """model.head: mlp (MoCo v2) or linear (MoCo v1 and the official CIFAR-10 notebook: one Linear(d, dim))."""
+    if kind == "mlp":
+        return MLPHead(in_dim, hidden_dim or in_dim, out_dim)
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    raise ConfigError(f"model.head must be one of mlp, linear; got {kind!r}")
+
+
 class Encoder(nn.Module):
     """Backbone followed by the projection head; the output is not yet normalised."""
 
@@ -123,12 +162,21 @@ class Encoder(nn.Module):
 
 
 def build_encoder(arch: str, image_size: int, small_image_stem: bool, dim: int,
-                  head_hidden_dim: int | None = None, timm_kwargs: dict | None = None) -> Encoder:
-    backbone, width = create_backbone(arch, image_size, small_image_stem, timm_kwargs)
-    return Encoder(backbone, MLPHead(width, head_hidden_dim or width, dim))
+                  head_hidden_dim: int | None = None, timm_kwargs: dict | None = None,
+                  head: str = "mlp", resnet_init: str = "timm") -> Encoder:
+    backbone, width = create_backbone(arch, image_size, small_image_stem, timm_kwargs, resnet_init)
+    return Encoder(backbone, build_head(head, width, dim, head_hidden_dim))
+
+
+def backbone_plan_from_config(cfg) -> BackbonePlan:
+    """How a run's config (lowmem_moco.config.Config) builds its backbone; raises ConfigError
+    for an unknown arch or a timm kwarg that no architecture takes."""
+    m = cfg.model
+    return plan_backbone(m.arch, cfg.data.image_size, m.small_image_stem, m.timm_kwargs, m.resnet_init)
 
 
 def encoder_from_config(cfg) -> Encoder:
-    """The query encoder a run's config (lowmem_moco.config.Config) describes."""
+    """The query encoder a run's config describes."""
     m = cfg.model
-    return build_encoder(m.arch, cfg.data.image_size, m.small_image_stem, m.dim, m.head_hidden_dim, m.timm_kwargs)
+    return build_encoder(m.arch, cfg.data.image_size, m.small_image_stem, m.dim, m.head_hidden_dim,
+                         m.timm_kwargs, m.head, m.resnet_init)

@@ -143,16 +143,20 @@ def join_state(tensors: dict[str, torch.Tensor], skeleton):
 def export_backbone(backbone: torch.nn.Module, path: str | Path, cfg, step: int) -> Path:
     """The backbone's weights under timm's own names, plus a JSON of how to rebuild it.
 
-    Loads with timm.create_model(arch, pretrained=True, num_classes=0,
-    pretrained_cfg_overlay=dict(file=path)); small-image-stem ResNets are rebuilt first
-    (see README).
+    backbone.json's timm_kwargs are exactly the arguments the backbone was built with (after
+    filtering and stem adaptation), so timm.create_model(arch, num_classes=0, **timm_kwargs,
+    pretrained=True, pretrained_cfg_overlay=dict(file=path)) reloads it; when
+    rebuild_small_image_stem is true (a small-image ResNet) use
+    lowmem_moco.backbones.load_exported_backbone(path) instead (see README).
     """
-    from .augment import IMAGENET_MEAN, IMAGENET_STD
+    from .backbones import backbone_plan_from_config
 
     path = Path(path)
+    plan = backbone_plan_from_config(cfg)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     atomic_write_bytes(path, st_save(state, metadata={"format": "pt"}))
-    info = {"arch": cfg.model.arch, "timm_kwargs": cfg.model.timm_kwargs, "small_image_stem": cfg.model.small_image_stem,
-            "image_size": cfg.data.image_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "step": step}
+    info = {"arch": cfg.model.arch, "timm_kwargs": plan.timm_kwargs, "small_image_stem": cfg.model.small_image_stem,
+            "rebuild_small_image_stem": plan.rebuild_stem, "image_size": cfg.data.image_size,
+            "mean": list(cfg.augment.mean), "std": list(cfg.augment.std), "step": step}
     path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     return path

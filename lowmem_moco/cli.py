@@ -28,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--protocol", choices=["cached", "paper"], default="cached",
                    help="linear: 'cached' trains on centre-crop features computed once (fast); 'paper' on "
                         "augmented crops every epoch, SGD lr 30 decayed at 60%% and 80%% (the MoCo papers' number)")
-    e.add_argument("--head", action="store_true", help="features after the head instead of the backbone's (kNN default: the run's eval.knn_features)")
+    e.add_argument("--head", action="store_true",
+                   help="features after the projection head (model.head) instead of the backbone's "
+                        "(kNN default: the run's eval.knn_features)")
     c = sub.add_parser("config", help="print the resolved configuration of a recipe and overrides, validated")
     c.add_argument("recipe", help="a YAML recipe, e.g. recipes/cifar10_resnet18.yaml")
     c.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. augment.blur_prob=0")

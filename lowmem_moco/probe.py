@@ -32,8 +32,8 @@ from .evaluate import extract_features, knn_accuracy, linear_probe, linear_probe
 
 def load_run(run_dir: str | Path, overrides: list[str] = (), head: bool | None = False
              ) -> tuple[Config, torch.nn.Module, int]:
-    """(config with overrides, the run's backbone (with its head when `head`; None: as the run's
-    eval.knn_features says), training step of those weights)."""
+    """(config with overrides, the run's backbone (with its projection head when `head`; None: as the
+    run's eval.knn_features says), training step of those weights)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a lowmem-moco run (no config.yaml); give the output_dir of a training run")

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 
-from .backbones import encoder_from_config, enable_grad_checkpointing
+from .backbones import backbone_plan_from_config, encoder_from_config, enable_grad_checkpointing
 from .checkpoint import export_backbone, join_state, load_latest, save_checkpoint, split_state
 from .config import Config, TrainConfig, config_from_dict, flat_config, save_config
 from .data import EvalImages, build_datasets
@@ -95,8 +95,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def check_compatible(saved: Config, cfg: Config, path: Path) -> None:
-    """A checkpoint resumes only into the same model; other changes are allowed."""
-    fields = ["model.arch", "model.small_image_stem", "model.dim", "model.head_hidden_dim", "model.timm_kwargs",
+    """A checkpoint resumes only into the same model; other changes are allowed.
+
+    The backbone is compared by the arguments timm builds it with, not by the keys that led
+    there: model.resnet_init only changes the initial weights, which a resumed run replaces.
+    """
+    fields = ["model.arch", "model.small_image_stem", "model.dim", "model.head", "model.head_hidden_dim",
               "moco.queue_size"]
     for name in fields:
         section, key = name.split(".")
@@ -104,6 +108,12 @@ def check_compatible(saved: Config, cfg: Config, path: Path) -> None:
         if old != new:
             raise CheckpointError(f"{path} was trained with {name}={old!r} but the config says {new!r}; "
                                   f"use the same {name} to resume, or a new output_dir to start afresh")
+    # Other keys can build the same backbone (an old run's timm_kwargs.zero_init_last: false is today's
+    # resnet_init: torchvision), and the same keys another one (a ViT sized by data.image_size).
+    old, new = backbone_plan_from_config(saved).timm_kwargs, backbone_plan_from_config(cfg).timm_kwargs
+    if old != new:
+        raise CheckpointError(f"{path} holds a {cfg.model.arch} built with {old} but this config builds it with "
+                              f"{new}; resume with the run's data.image_size and model settings, or a new output_dir")
 
 
 # ------------------------------------------------------------------ the trainer
@@ -130,6 +140,7 @@ class Trainer:
         if self.main:
             prepare_output_dir(self.out)
 
+        backbone_plan_from_config(cfg)  # an unknown model.arch or timm kwarg fails before any data work
         self.data = build_datasets(cfg.data)
         # No labelled test images (data.val_fraction=0 and no test split): nothing to monitor.
         self.knn_every = cfg.eval.knn_every if self.data.val is not None else 0

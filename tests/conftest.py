@@ -28,3 +28,15 @@ def cifar_folder(tmp_path_factory) -> Path:
             taken[parts[1]] += 1
             tar.extract(member, out, **SAFE)
     return out / "train"
+
+
+@pytest.fixture
+def one_cpu_thread():
+    """Tiny models on tiny inputs run fastest on one thread: with more, threads of a shared
+    2-core machine wait for each other (a ResNet-50 step at 32 px: seconds instead of 0.2 s)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

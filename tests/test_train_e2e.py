@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from lowmem_moco.backbones import make_small_image_stem
+from lowmem_moco.backbones import load_exported_backbone, make_small_image_stem
 from lowmem_moco.checkpoint import list_checkpoints, read_checkpoint
 from lowmem_moco.cli import main
 from lowmem_moco.config import load_config
@@ -88,11 +88,14 @@ def test_small_stem_narrow_backbone_loads_after_rebuilding_the_stem(tmp_path, ci
         "train.max_steps=2", "eval.knn_every=0"]))
     trainer.fit()
     info = json.loads((tmp_path / "backbone.json").read_text())
+    assert info["rebuild_small_image_stem"] and info["timm_kwargs"] == {"channels": [16, 32, 64, 128]}
     model = make_small_image_stem(timm.create_model(info["arch"], num_classes=0, **info["timm_kwargs"]))
     model.load_state_dict(timm.models.load_state_dict(str(tmp_path / "backbone.safetensors")))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(model.eval()(x), trainer.moco.encoder_q.backbone.eval()(x))
+        expected = trainer.moco.encoder_q.backbone.eval()(x)
+        assert torch.equal(model.eval()(x), expected)
+        assert torch.equal(load_exported_backbone(tmp_path / "backbone.safetensors").eval()(x), expected)
 
 
 def test_folder_data_from_real_jpegs_trains_and_measures_knn(tmp_path, cifar_folder):
