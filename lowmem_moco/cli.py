@@ -61,9 +61,14 @@ def _eval(args) -> None:
 
 
 def _config(args) -> None:
+    from .backbones import backbone_plan_from_config
     from .config import config_yaml, load_config
 
-    print(config_yaml(load_config(args.recipe, args.overrides)), end="")
+    cfg = load_config(args.recipe, args.overrides)
+    plan = backbone_plan_from_config(cfg)  # the model checks train makes first: timm name, kwargs, stem
+    print(config_yaml(cfg), end="")
+    for note in plan.notes:  # on stderr, so that stdout stays YAML
+        print(f"note: {note}", file=sys.stderr)
 
 
 def _views(args) -> None:

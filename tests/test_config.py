@@ -130,3 +130,8 @@ def test_config_command_prints_the_resolved_config_and_validates(capsys):
     assert printed["train"]["precision"] == "no" and printed["augment"]["crop_scale"] == [0.08, 1.0]
     assert main(["config", recipe, "augment.crop_scale=[0.5,0.1]"]) == 2
     assert "augment.crop_scale must be [low, high]" in capsys.readouterr().err
+    assert main(["config", recipe, "model.arch=resnt50"]) == 2  # the model checks train makes, before any data
+    assert "model.arch 'resnt50' is not a timm model; close names:" in capsys.readouterr().err
+    assert main(["config", recipe, "model.arch=convnext_atto"]) == 0
+    notes = capsys.readouterr().err  # what a ResNet recipe's settings do (not) to another family
+    assert "model.resnet_init=torchvision" in notes and "convnext_atto" in notes

@@ -14,7 +14,7 @@ from lowmem_moco.backbones import load_exported_backbone, make_small_image_stem
 from lowmem_moco.checkpoint import list_checkpoints, read_checkpoint
 from lowmem_moco.cli import main
 from lowmem_moco.config import load_config
-from lowmem_moco.errors import UserError
+from lowmem_moco.errors import CheckpointError, UserError
 from lowmem_moco.train import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,8 +63,17 @@ def test_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     run(tmp_path, "train.max_steps=1")
-    with pytest.raises(Exception, match="model.dim=16 but the config says 32"):
+    with pytest.raises(CheckpointError, match="model.dim=16 but the config says 32"):
         run(tmp_path, "model.dim=32")
+    with pytest.raises(CheckpointError, match=r"built with \{\} but this config builds it with \{'zero_init_last': False\}"):
+        run(tmp_path, "model.resnet_init=torchvision")
+
+
+def test_a_run_resumes_when_other_keys_build_the_same_backbone(tmp_path):
+    # Recipes used to write torchvision's init as a timm kwarg; today they say model.resnet_init.
+    run(tmp_path, "train.max_steps=1", "model.timm_kwargs.zero_init_last=false")
+    last = run(tmp_path, "train.max_steps=2", "model.resnet_init=torchvision")
+    assert last["step"] == 2
 
 
 def test_exported_backbone_loads_in_timm_with_identical_features(tmp_path):
