@@ -1,0 +1,80 @@
+"""The planner: fake-tensor predictions against real CPU tensors, the search, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lowmem_moco.cli import main
+from lowmem_moco.config import load_config
+from lowmem_moco.errors import ConfigError
+from lowmem_moco.plan import GiB, PlannedStep, gpu, usable_bytes
+from lowmem_moco.plan_search import Planner, micro_batch_candidates, relative_speed, search
+
+TINY = ["model.arch=resnet18", "model.small_image_stem=true", "model.timm_kwargs.channels=[8,16,32,64]",
+        "data.image_size=32", "train.batch_size=16", "moco.queue_size=512", "moco.key_chunks=2",
+        "data.source=synthetic"]
+
+
+def tiny(*extra: str):
+    return load_config(None, TINY + list(extra))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Real CPU steps of a tiny model: several OpenMP threads on a shared CPU only spin.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_prediction_agrees_with_real_cpu_tensors_and_the_lean_tracker_with_memtracker():
+    cfg = tiny()
+    planned = PlannedStep(cfg, "bf16", True)
+    lean, full = planned.predict(4, lean=True), planned.predict(4, lean=False)
+    measured = PlannedStep(cfg, "bf16", True, fake=False).predict(4, lean=False)  # MemTracker's own bookkeeping
+    assert lean.method == "fake" and measured.method == "real-cpu"
+    assert abs(lean.peak_bytes / measured.peak_bytes - 1) < 0.10
+    assert lean.peak_bytes == full.peak_bytes and lean.by_category == full.by_category
+    # The inputs are both views of the whole batch, in the precision's dtype.
+    assert lean.by_category["inputs"] == 2 * 16 * 3 * 32 * 32 * 2
+
+
+def test_search_picks_the_fastest_fitting_configuration_of_all():
+    cfg = tiny("data.image_size=64", "model.small_image_stem=false", "train.batch_size=8")
+    every = Planner(cfg, "no")
+    peaks = {(c, m): every.predict(c, m).peak_bytes for c in (False, True) for m in micro_batch_candidates(8)}
+    assert [peaks[(False, m)] for m in (2, 4, 8)] == sorted(peaks[(False, m)] for m in (2, 4, 8))
+    # A budget whose usable part lies between micro-batches 4 and 8 without checkpointing.
+    limit = (peaks[(False, 4)] + peaks[(False, 8)]) // 2
+    budget = next(b for b in range(limit, 2 * limit + 2**31, 2**16) if usable_bytes(b) >= limit)
+    fitting = [k for k, v in peaks.items() if v <= usable_bytes(budget)]
+    best = max(fitting, key=lambda k: relative_speed(k[1], k[0]))
+    result = search(Planner(cfg, "no"), budget)
+    assert (result.choice.checkpointing, result.choice.micro_batch) == best
+    assert len(result.tried) < len(peaks)  # the search skips configurations that cannot win
+
+
+def test_bad_input_gets_one_line():
+    with pytest.raises(ConfigError, match="known GPUs: t4, l4"):
+        gpu("v100")
+    with pytest.raises(ConfigError, match="does not divide"):
+        PlannedStep(tiny(), "no", False).predict(3)
+    with pytest.raises(ConfigError, match="below the .* GiB that the parameters"):
+        search(Planner(tiny(), "no"), budget_bytes=1000)
+
+
+def test_cli_json_schema(capsys, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train: {precision: bf16}\n")
+    assert main(["plan", str(recipe), *TINY, "--budget-gb", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"peak_bytes", "by_category", "precision", "budget_bytes", "fits", "choice", "tried"}
+    assert out["budget_bytes"] == GiB and out["fits"] is True and out["precision"] == "bf16"
+    assert out["choice"]["train.micro_batch_size"] == 16  # everything fits in 1 GiB
+    assert sum(out["by_category"].values()) == out["peak_bytes"]
+    assert main(["plan", str(recipe), *TINY, "--gpu", "k80"]) == 2
+    assert "known GPUs" in capsys.readouterr().err
