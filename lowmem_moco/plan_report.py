@@ -31,6 +31,12 @@ def plan(recipe: str, overrides_: list[str], gpu_name: str | None = None, budget
     precision = resolve_precision(cfg, gpu_name)
     planner = Planner(cfg, precision)
     result: SearchResult | None = search(planner, budget) if budget is not None else None
+    if cfg.train.micro_batch_size == "auto":  # what the trainer would choose on this budget
+        if result is None:
+            raise ConfigError("train.micro_batch_size=auto is chosen for a memory budget: add --gpu or --budget-gb")
+        chosen = [p.micro_batch for p in result.tried if p.checkpointing == cfg.train.grad_checkpointing
+                  and p.peak_bytes <= result.usable_bytes]
+        cfg.train.micro_batch_size = max(chosen, default=2)
     own = planner.predict(cfg.train.grad_checkpointing, cfg.micro_batch)
     out = {
         "peak_bytes": own.peak_bytes,

@@ -102,7 +102,7 @@ def check_budget(planner: Planner, budget_bytes: int) -> None:
                           f"({cfg.moco.queue_size}) or pick a smaller model.arch ({cfg.model.arch})")
 
 
-def search(planner: Planner, budget_bytes: int) -> SearchResult:
+def search(planner: Planner, budget_bytes: int, checkpointing: tuple = (False, True)) -> SearchResult:
     """Largest fitting micro-batch without checkpointing, then with it among larger
     micro-batches only (checkpointing at an equal or smaller micro-batch only costs time);
     the fastest of those by `relative_speed`. Each is a binary search from the top (memory
@@ -111,7 +111,7 @@ def search(planner: Planner, budget_bytes: int) -> SearchResult:
     limit = usable_bytes(budget_bytes)
     candidates = micro_batch_candidates(planner.cfg.train.batch_size)
     fitting = []
-    for ckpt in (False, True):
+    for ckpt in checkpointing:
         def fits(m: int) -> bool:
             return planner.predict(ckpt, m).peak_bytes <= limit
         if fits(candidates[-1]):

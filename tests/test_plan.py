@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from lowmem_moco.auto_batch import plan_micro_batch, rule_micro_batch
 from lowmem_moco.cli import main
 from lowmem_moco.config import load_config
 from lowmem_moco.errors import ConfigError
@@ -78,3 +79,12 @@ def test_cli_json_schema(capsys, tmp_path):
     assert sum(out["by_category"].values()) == out["peak_bytes"]
     assert main(["plan", str(recipe), *TINY, "--gpu", "k80"]) == 2
     assert "known GPUs" in capsys.readouterr().err
+
+
+def test_auto_micro_batch_is_the_largest_that_the_planner_fits():
+    cfg = tiny("data.image_size=64", "model.small_image_stem=false", "train.batch_size=8")
+    planner = Planner(cfg, "no")
+    peaks = {m: planner.predict(False, m).peak_bytes for m in (2, 4, 8)}
+    budget = next(b for b in range(peaks[4], 4 * peaks[8] + 2**31, 2**16) if usable_bytes(b) >= peaks[4])
+    assert plan_micro_batch(cfg, "no", budget) == (4, peaks[4])
+    assert rule_micro_batch(256) == 64 and rule_micro_batch(96) == 48 and rule_micro_batch(40) == 40
