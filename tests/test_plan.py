@@ -88,3 +88,18 @@ def test_auto_micro_batch_is_the_largest_that_the_planner_fits():
     budget = next(b for b in range(peaks[4], 4 * peaks[8] + 2**31, 2**16) if usable_bytes(b) >= peaks[4])
     assert plan_micro_batch(cfg, "no", budget) == (4, peaks[4])
     assert rule_micro_batch(256) == 64 and rule_micro_batch(96) == 48 and rule_micro_batch(40) == 40
+
+
+def test_an_untraceable_model_is_measured_on_real_cpu_tensors(monkeypatch):
+    real_predict = PlannedStep.predict
+
+    def refuse_fake(self, micro_batch, lean=True):
+        if self.fake:
+            raise NotImplementedError("an operator fake tensors cannot run")
+        return real_predict(self, micro_batch, lean)
+
+    monkeypatch.setattr(PlannedStep, "predict", refuse_fake)
+    planner = Planner(tiny(), "no")
+    with pytest.warns(UserWarning, match="cannot trace resnet18"):
+        prediction = planner.predict(False, 8)
+    assert prediction.method == "real-cpu" and prediction.peak_bytes > 0
