@@ -52,6 +52,7 @@ SMOKE = dict(plan_recipe="recipes/imagenet_resnet50_mocov2.yaml",
              cifar_overrides=["train.epochs=1", "train.batch_size=32", "train.micro_batch_size=16",
                               "moco.queue_size=256", "moco.key_chunks=2", "model.timm_kwargs.channels=[8,16,32,64]",
                               "train.precision=no", "train.channels_last=false", "eval.knn_k=10",
+                              "data.num_workers=0", "data.augment=batched",
                               "eval.knn_every=1", "train.checkpoint_every=0"], cifar_images=200)
 
 
@@ -65,11 +66,11 @@ def cuda_tests() -> dict:
     return dict(returncode=proc.returncode, summary=summary, passed=proc.returncode in (0, 5))
 
 
-def measured_peak(cfg, precision: str, checkpointing: bool, micro_batch: int, device: torch.device) -> dict:
+def measured_peak(cfg, precision: str, checkpointing: bool, micro_batch: int, real_cpu_step=None) -> dict:
     """The real step's peak: max_memory_allocated on a GPU (second step: optimizer state and
-    cuDNN's autotuning done), MemTracker's on a CPU."""
-    if device.type == "cpu":
-        return dict(allocated=PlannedStep(cfg, precision, checkpointing, fake=False).predict(micro_batch).peak_bytes)
+    cuDNN's autotuning done), MemTracker's on a CPU (`real_cpu_step`: a PlannedStep, fake=False)."""
+    if real_cpu_step is not None:
+        return dict(allocated=real_cpu_step.predict(micro_batch).peak_bytes)
     from .cuda_step import cuda_step_peaks
     return cuda_step_peaks(cfg, precision, checkpointing, micro_batch)
 
@@ -79,12 +80,13 @@ def planner_vs_measured(s: dict, device: torch.device, log) -> list[dict]:
     for ckpt in (False, True):
         cfg = load_config(s["plan_recipe"], s["plan_overrides"] + [f"train.grad_checkpointing={ckpt}"])
         planned_step = PlannedStep(cfg, s["precision"], ckpt)
+        real_cpu_step = PlannedStep(cfg, s["precision"], ckpt, fake=False) if device.type == "cpu" else None
         for mb in s["micro_batches"]:
             planned = planned_step.predict(mb)
             cell = dict(micro_batch=mb, checkpointing=ckpt, precision=s["precision"], planned=planned.peak_bytes,
                         plan_s=round(planned.seconds, 2))
             try:
-                cell.update(measured_peak(cfg, s["precision"], ckpt, mb, device))
+                cell.update(measured_peak(cfg, s["precision"], ckpt, mb, real_cpu_step))
                 cell["error"] = planned.peak_bytes / cell["allocated"] - 1
                 if "reserved" in cell:
                     cell["reserved_over_planned"] = cell["reserved"] / planned.peak_bytes
@@ -172,6 +174,8 @@ def main(argv: list[str]) -> int:
     if device.type == "cpu" and not smoke:
         sys.exit("no CUDA GPU is visible to PyTorch; run with --smoke to exercise this command on a CPU")
     s = SMOKE if smoke else FULL
+    if smoke:  # tiny steps: more threads only spin on a shared CPU
+        torch.set_num_threads(1)
     if device.type == "cuda":  # behave like a 16 GiB card
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * 2**30 / total), device)

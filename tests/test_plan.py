@@ -57,6 +57,8 @@ def test_search_picks_the_fastest_fitting_configuration_of_all():
     result = search(Planner(cfg, "no"), budget)
     assert (result.choice.checkpointing, result.choice.micro_batch) == best
     assert len(result.tried) < len(peaks)  # the search skips configurations that cannot win
+    # train.micro_batch_size=auto keeps the recipe's checkpointing (off) and takes the largest that fits.
+    assert plan_micro_batch(cfg, "no", budget) == (4, peaks[(False, 4)])
 
 
 def test_bad_input_gets_one_line():
@@ -81,12 +83,7 @@ def test_cli_json_schema(capsys, tmp_path):
     assert "known GPUs" in capsys.readouterr().err
 
 
-def test_auto_micro_batch_is_the_largest_that_the_planner_fits():
-    cfg = tiny("data.image_size=64", "model.small_image_stem=false", "train.batch_size=8")
-    planner = Planner(cfg, "no")
-    peaks = {m: planner.predict(False, m).peak_bytes for m in (2, 4, 8)}
-    budget = next(b for b in range(peaks[4], 4 * peaks[8] + 2**31, 2**16) if usable_bytes(b) >= peaks[4])
-    assert plan_micro_batch(cfg, "no", budget) == (4, peaks[4])
+def test_rule_for_auto_micro_batch_without_a_gpu():
     assert rule_micro_batch(256) == 64 and rule_micro_batch(96) == 48 and rule_micro_batch(40) == 40
 
 
