@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import (DataDependentOutputException, Dynamic
 
 from .config import Config
 from .errors import ConfigError
-from .plan import GiB, PlannedStep, Prediction, usable_bytes
+from .plan import CUDA_MARGIN, GiB, PlannedStep, Prediction, usable_bytes
 
 # What fake tensors refuse: an arch that needs one of these is measured on real CPU tensors.
 UNTRACEABLE = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException,
@@ -93,13 +93,16 @@ class SearchResult:
 
 
 def check_budget(planner: Planner, budget_bytes: int) -> None:
-    """One line when the budget cannot hold even the model, the queue and the optimizer state."""
+    """One line when the budget, less the margin, cannot hold even the model, the queue and the
+    optimizer state."""
     fixed, cfg = planner.fixed_bytes(), planner.cfg
-    if budget_bytes < fixed:
-        raise ConfigError(f"a budget of {budget_bytes / GiB:.2f} GiB is below the {fixed / GiB:.2f} GiB that the "
-                          f"parameters of both encoders, the queue and the optimizer state need before any image; "
-                          f"give at least {fixed / GiB:.2f} GiB, or lower moco.queue_size "
-                          f"({cfg.moco.queue_size}) or pick a smaller model.arch ({cfg.model.arch})")
+    if usable_bytes(budget_bytes) < fixed:
+        minimum = (fixed + CUDA_MARGIN["fixed_gib"] * GiB) / (1 - CUDA_MARGIN["fraction"])
+        raise ConfigError(f"a budget of {budget_bytes / GiB:.2f} GiB is below the {minimum / GiB:.2f} GiB minimum: the "
+                          f"parameters of both encoders, the queue and the optimizer state take {fixed / GiB:.2f} GiB "
+                          f"before any image, plus the margin ({CUDA_MARGIN['fraction']:.0%} + "
+                          f"{CUDA_MARGIN['fixed_gib']} GiB); give at least {minimum / GiB:.2f} GiB, or lower "
+                          f"moco.queue_size ({cfg.moco.queue_size}) or pick a smaller model.arch ({cfg.model.arch})")
 
 
 def search(planner: Planner, budget_bytes: int, checkpointing: tuple = (False, True)) -> SearchResult:
@@ -136,9 +139,13 @@ def overrides(cfg: Config, p: Prediction) -> dict:
 
 
 def nothing_fits(planner: Planner, result: SearchResult) -> ConfigError:
-    smallest = min(result.tried, key=lambda p: p.peak_bytes)
+    """The one line for a budget that no micro-batch fits, with the smallest step's prediction."""
+    try:
+        smallest = planner.predict(True, 2)
+    except ConfigError:  # an arch without checkpointing
+        smallest = planner.predict(False, 2)
     cfg = planner.cfg
-    return ConfigError(f"nothing fits: even micro-batch {smallest.micro_batch} with checkpointing "
-                       f"{'on' if smallest.checkpointing else 'off'} is predicted at {smallest.peak_bytes / GiB:.2f} "
-                       f"GiB, over the {result.usable_bytes / GiB:.2f} GiB usable; lower data.image_size "
-                       f"({cfg.data.image_size}) or moco.queue_size, or pick a smaller model.arch")
+    return ConfigError(f"nothing fits: even micro-batch 2 with checkpointing {'on' if smallest.checkpointing else 'off'}"
+                       f" is predicted at {smallest.peak_bytes / GiB:.2f} GiB, over the {result.usable_bytes / GiB:.2f}"
+                       f" GiB usable; lower data.image_size ({cfg.data.image_size}), moco.queue_size or "
+                       f"train.batch_size (the inputs hold both views of the whole batch), or pick a smaller model.arch")

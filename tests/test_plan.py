@@ -66,7 +66,7 @@ def test_bad_input_gets_one_line():
         gpu("v100")
     with pytest.raises(ConfigError, match="does not divide"):
         PlannedStep(tiny(), "no", False).predict(3)
-    with pytest.raises(ConfigError, match="below the .* GiB that the parameters"):
+    with pytest.raises(ConfigError, match="below the .* GiB minimum: the parameters"):
         search(Planner(tiny(), "no"), budget_bytes=1000)
 
 
