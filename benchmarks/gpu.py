@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from lowmem_moco.config import load_config
-from lowmem_moco.plan import PlannedStep
+from lowmem_moco.plan import CUDA_MARGIN, PlannedStep
 
 from .cells import Cell
 from .data_pipeline import cifar_subset, measure_pipeline
@@ -144,7 +144,8 @@ def markdown(r: dict) -> str:
               f"`{r['command']}`, torch {env['torch']}" + (f", total memory {env['total_memory'] / 2**30:.2f} GiB"
                                                             if "total_memory" in env else "") + ".", "",
               f"CUDA-only tests: {r['cuda_tests']['summary']}", "",
-              f"## Planner (predicted) vs measured peak, {r['plan_recipe']}, capped at {CAP_GIB} GiB", "",
+              f"## Planner (predicted) vs measured peak, {r['plan_recipe']}"
+              f"{' ' + ' '.join(r['plan_overrides']) if r['plan_overrides'] else ''}, capped at {CAP_GIB} GiB", "",
               "| micro-batch | checkpointing | predicted GiB | measured allocated GiB | error | reserved GiB |",
               "|---|---|---|---|---|---|"]
     for c in r["planner"]:
@@ -153,6 +154,11 @@ def markdown(r: dict) -> str:
         error = f"{c['error']:+.1%}" if "error" in c else "-"
         lines.append(f"| {c['micro_batch']} | {'on' if c['checkpointing'] else 'off'} | "
                      f"{c['planned'] / 2**30:.3f} | {measured} | {error} | {reserved} |")
+    m = r.get("margin")
+    if m:
+        lines += ["", f"What the margin must cover (measured): reserved / predicted up to {m['reserved_over_planned']:.3f}, "
+                      f"memory outside PyTorch's allocator up to {m['outside_allocator_gib']:.2f} GiB; "
+                      f"lowmem_moco/plan.py's CUDA_MARGIN is {m['provisional']}"]
     sp = r["speed"]
     if sp.get("moco_over_supervised"):
         lines += ["", f"MoCo step vs timm's supervised step ({sp['cell']}): {sp['moco']['images_per_s']:.1f} vs "
@@ -195,6 +201,11 @@ def main(argv: list[str]) -> int:
         r[key] = run()
         r["section_s"][key] = round(time.perf_counter() - began, 1)
     r["whole_process_s"] = round(time.perf_counter() - start, 1)
+    measured = [c for c in r["planner"] if "reserved" in c]
+    if measured:  # what plan.CUDA_MARGIN has to cover, for the next person to set it from
+        r["margin"] = dict(reserved_over_planned=max(c["reserved_over_planned"] for c in measured),
+                           outside_allocator_gib=max(c["outside_allocator"] for c in measured) / 2**30,
+                           provisional=CUDA_MARGIN)
     slug = re.sub(r"[^a-z0-9]+", "-", r["environment"].get("name", "cpu").lower()).strip("-")
     stem = out_dir / f"gpu-{slug}{'-smoke' if smoke else ''}-{datetime.date.today().isoformat()}"
     stem.with_suffix(".json").write_text(json.dumps(r, indent=1, default=str))

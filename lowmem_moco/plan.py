@@ -10,6 +10,11 @@ the CPU (timm's constructors read values), then its parameters, buffers and opti
 are swapped for fake tensors (torch's FakeTensorMode): every operator runs on shapes only,
 and torch's MemTracker (lowmem_moco/memtrack.py) counts the storages it creates and frees.
 
+As on a GPU, the optimizer uses PyTorch's foreach implementation (SGD with weight decay then
+holds a temporary copy of the gradients), the views are in the pipeline's dtype, and
+autocast is applied here since accelerate turns fp16 off on a CPU. Loss scaling (fp16) works
+on scalars and in place: nothing to plan.
+
 What a fake CPU step does not see of a CUDA step: the CUDA context, cuDNN workspaces, the
 caching allocator's rounding and fragmentation, and ops whose CUDA autocast dtype differs
 from the CPU one. `CUDA_MARGIN` covers them; it is provisional until `python -m benchmarks gpu`
