@@ -207,8 +207,10 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"{key} must be a list of numbers, got {value!r} ({where}); e.g. {key}=[0.2,1.0]")
         return [float(v) for v in value]
-    if key == "train.micro_batch_size" and value == "auto":  # resolved when training starts
-        return value
+    if key == "train.micro_batch_size" and isinstance(value, str):  # auto: resolved when training starts
+        if value == "auto":
+            return value
+        raise ConfigError(f"train.micro_batch_size must be an integer, null or auto; got {value!r} ({where})")
     if base is bool and isinstance(value, str) and value.lower() in _BOOL_WORDS:
         value = _BOOL_WORDS[value.lower()]
     if key in ALIASES and isinstance(value, (str, bool)):

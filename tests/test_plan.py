@@ -100,3 +100,9 @@ def test_an_untraceable_model_is_measured_on_real_cpu_tensors(monkeypatch):
     with pytest.warns(UserWarning, match="cannot trace resnet18"):
         prediction = planner.predict(False, 8)
     assert prediction.method == "real-cpu" and prediction.peak_bytes > 0
+
+
+def test_config_accepts_auto_micro_batch_and_nothing_else_as_a_word():
+    assert load_config(None, ["train.micro_batch_size=auto"]).train.micro_batch_size == "auto"
+    with pytest.raises(ConfigError, match="train.micro_batch_size must be an integer, null or auto"):
+        load_config(None, ["train.micro_batch_size=big"])
