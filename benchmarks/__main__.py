@@ -3,6 +3,8 @@
     python -m benchmarks run --quick                                          # CPU grid, < 10 min
     python -m benchmarks run --arch resnet50 --image-size 224 --budget-gb 16  # GPU grid
     python -m benchmarks fit --arch resnet50 --image-size 224 --budget-gb 15  # largest micro-batch
+    python -m benchmarks plan-check                                           # planner vs real CPU memory
+    python -m benchmarks gpu [--smoke]                                        # the GPU machine's one command
 """
 
 from __future__ import annotations
@@ -81,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["cell"]:  # internal: one measurement in a fresh child process
         from .measure import cell_main
         return cell_main(argv[1:])
+    if argv[:1] == ["gpu"]:
+        from .gpu import main as gpu
+        return gpu(argv[1:])
+    if argv[:1] == ["plan-check"]:
+        from .plan_check import main as plan_check
+        return plan_check(smoke="--smoke" in argv, command="python -m benchmarks " + " ".join(argv))
     args = parse(argv)
     command = "python -m benchmarks " + " ".join(argv)
     if args.command == "fit":

@@ -27,14 +27,13 @@ from pathlib import Path
 
 import torch
 
+from lowmem_moco.memtrack import peak_by_category, step_tracker
+
 from .cells import Cell, build
 
 MB = 2**20
 RESULT_MARK = "BENCHMARK-CELL-RESULT "
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# MemTracker's categories, under the names the reports use.
-CATEGORIES = {"Parameter": "params", "Buffer": "buffers", "Gradient": "grads", "Activation": "activations",
-              "Temp": "temporaries", "Optstate": "optimizer", "Other": "inputs"}
 
 
 def rss_mb() -> float:
@@ -54,44 +53,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _memtracker():
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    class StepTracker(MemTracker):
-        """MemTracker, taught two things a MoCo step does (only its bookkeeping hooks change,
-        not how tensors are counted):
-        - run a frozen module (the key encoder): no gradient hook on parameters without grad;
-        - call a top-level module more than once per step (micro-batches, key chunks): each
-          call starts the module's own statistics afresh instead of raising."""
-
-        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
-            trainable = all(p.requires_grad for p in module.parameters())
-            return super()._track_module_params_and_buffers(module, install_grad_hooks and trainable)
-
-        def _pre_fw_hook(self, module, inputs):
-            if module in self.memory_tracking and not self._mod_tracker.is_bw:
-                name = self._mod_tracker.get_known_fqn(module)
-                if set(self._mod_tracker.parents) - {name} == {"Global"}:
-                    del self.memory_tracking[module]
-            super()._pre_fw_hook(module, inputs)
-
-    return StepTracker()
-
-
 def _tracked_step(work, device: torch.device) -> tuple[float, dict]:
-    """One step under MemTracker: (loss, peak MB by category, with 'total')."""
-    tracker = _memtracker()
+    """One step under MemTracker (lowmem_moco.memtrack): (loss, peak MB by category, with 'total')."""
+    tracker = step_tracker()
     tracker.track_external(*work.modules, work.optimizer, *work.inputs)
     with tracker:
         loss = work.step()
-    snapshot = tracker.get_tracker_snapshot("peak")
-    # Keys are devices as the tensors name them ("cuda:0"), so match on the type.
-    peak = max((snap for dev, snap in snapshot.items() if dev.type == device.type),
-               key=lambda snap: snap.get("Total", 0), default={})
-    out = {CATEGORIES.get(getattr(k, "value", k), str(getattr(k, "value", k)).lower()): v / MB
-           for k, v in peak.items()}
-    out["total"] = out.pop("total", sum(out.values()))
-    return loss, out
+    return loss, {k: v / MB for k, v in peak_by_category(tracker, device.type).items()}
 
 
 def _memory(work, device: torch.device, breakdown: bool, rss_start: float) -> dict:

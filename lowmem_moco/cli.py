@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a run's backbone as timm-loadable safetensors")
     x.add_argument("run_dir")
     x.add_argument("--out", help="output file (default: RUN_DIR/backbone.safetensors)")
+    pl = sub.add_parser("plan", help="predict a recipe's peak GPU memory on any machine; find what fits a GPU")
+    pl.add_argument("recipe")
+    pl.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.micro_batch_size=64")
+    pl.add_argument("--gpu", help="t4, l4, a100-40, a100-80 or h100: its capacity and native precision")
+    pl.add_argument("--budget-gb", type=float, help="a memory budget in GiB instead of --gpu")
+    pl.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     return p
 
 
@@ -84,13 +90,20 @@ def _export(args) -> None:
     print(f"wrote {export_run(args.run_dir, args.out)}")
 
 
+def _plan(args) -> None:
+    from .plan_report import main as plan_main
+
+    plan_main(args.recipe, args.overrides, args.gpu, args.budget_gb, args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     warnings.showwarning = lambda message, category, *a, **k: err.print(f"[yellow]warning:[/] {escape(str(message))}")
     try:
-        {"train": _train, "eval": _eval, "export": _export, "config": _config, "views": _views}[args.command](args)
+        {"train": _train, "eval": _eval, "export": _export, "config": _config, "views": _views,
+         "plan": _plan}[args.command](args)
     except UserError as e:
         if args.debug:
             raise

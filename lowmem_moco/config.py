@@ -123,7 +123,8 @@ class MocoConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 256  # effective batch: one optimizer step, one enqueue
-    micro_batch_size: Optional[int] = None  # images per forward/backward (default: batch_size)
+    # images per forward/backward (default: batch_size); auto: chosen at start-up (auto_batch.py)
+    micro_batch_size: Optional[int] = None
     epochs: int = 200
     max_steps: Optional[int] = None  # stop after this many optimizer steps (schedule unchanged)
     optimizer: str = "sgd"  # sgd (momentum 0.9) | adamw
@@ -212,6 +213,10 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"{key} must be a list of numbers, got {value!r} ({where}); e.g. {key}=[0.2,1.0]")
         return [float(v) for v in value]
+    if key == "train.micro_batch_size" and isinstance(value, str):  # auto: resolved when training starts
+        if value == "auto":
+            return value
+        raise ConfigError(f"train.micro_batch_size must be an integer, null or auto; got {value!r} ({where})")
     if base is bool and isinstance(value, str) and value.lower() in _BOOL_WORDS:
         value = _BOOL_WORDS[value.lower()]
     if key in ALIASES and isinstance(value, (str, bool)):
@@ -408,10 +413,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction must be in [0, 1) (0: train on every image); got {d.val_fraction}")
     if cfg.eval.knn_max_train < 0:
         raise ConfigError(f"eval.knn_max_train must be >= 0 (0: the whole training set); got {cfg.eval.knn_max_train}")
-    if t.micro_batch_size is not None and t.micro_batch_size <= 0:
-        raise ConfigError(f"train.micro_batch_size must be positive; got {t.micro_batch_size}")
+    auto = t.micro_batch_size == "auto"
+    if t.micro_batch_size is not None and not auto and t.micro_batch_size <= 0:
+        raise ConfigError(f"train.micro_batch_size must be positive or auto; got {t.micro_batch_size}")
 
-    batch, micro = t.batch_size, cfg.micro_batch
+    batch, micro = t.batch_size, t.batch_size if auto else cfg.micro_batch
     if micro > batch:
         raise ConfigError(f"train.micro_batch_size ({micro}) is larger than train.batch_size ({batch}); "
                           f"lower it to at most {batch}")

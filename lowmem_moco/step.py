@@ -38,7 +38,7 @@ class StepResult:
 class MoCoStep:
     def __init__(self, moco: MoCo, optimizer, accelerator, *, micro_batch: int, key_chunks: int,
                  temperature: float, symmetric: bool = False, encoder_q: nn.Module | None = None,
-                 guard_bn_stats: bool = False, shuffle_across_processes: bool = False):
+                 guard_bn_stats: bool = False, shuffle_across_processes: bool = False, planning: bool = False):
         self.moco = moco
         self.encoder_q = encoder_q if encoder_q is not None else moco.encoder_q  # may be DDP-wrapped
         self.optimizer = optimizer
@@ -51,6 +51,9 @@ class MoCoStep:
         # Checkpointing re-runs the forward in backward, which would update BatchNorm running
         # statistics twice; they are put back after each backward.
         self.guard_bn_stats = guard_bn_stats
+        # The planner (plan.py) runs this step on fake tensors, which have shapes but no values:
+        # it reads no loss and takes the finite-loss branch.
+        self.planning = planning
 
     def __call__(self, view_q: torch.Tensor, view_k: torch.Tensor, momentum: float,
                  generator: torch.Generator | None = None) -> StepResult:
@@ -86,8 +89,8 @@ class MoCoStep:
         merge_bn_stats(bn_before, acc)
         if world > 1:  # every process takes the same decision to step or skip
             total = acc.reduce(total, reduction="mean")
-        loss_value = float(total)
-        if not torch.isfinite(total):
+        loss_value = float("nan") if self.planning else float(total)
+        if not self.planning and not torch.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(loss_value, skipped=True)
         self.optimizer.step()

@@ -131,6 +131,11 @@ class Trainer:
                                kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         self.device = self.acc.device
         self.main = self.acc.is_main_process
+        self.auto_micro_batch = None  # how train.micro_batch_size=auto was resolved, if it was
+        if cfg.train.micro_batch_size == "auto":
+            from .auto_batch import choose_micro_batch
+            cfg.train.micro_batch_size, self.auto_micro_batch = choose_micro_batch(
+                cfg, self.device, precision, self.acc.num_processes)
         # --- N processes: without a GPU, `accelerate launch --multi_gpu` starts independent runs
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.acc.num_processes == 1:
@@ -335,7 +340,9 @@ class Trainer:
                               loss=self.counters["epoch_loss_sum"] / max(1, self.counters["epoch_steps"]),
                               lr=last.get("lr", 0.0),
                               images_per_sec=epoch_images / (time.perf_counter() - epoch_start),
-                              peak_mem_mb=peak_memory_mb(self.device), **self.counters_public())
+                              peak_mem_mb=peak_memory_mb(self.device), **self.counters_public(),
+                              **({"micro_batch_size": cfg.micro_batch, "micro_batch_auto": True}
+                                 if self.auto_micro_batch else {}))
                 if self.knn_every and ((epoch + 1) % self.knn_every == 0 or self.step >= self.stop_step):
                     record["knn_top1"] = self.knn()
                 metrics.write(**record)
@@ -384,7 +391,9 @@ class Trainer:
         per_process = c.accum_steps // self.acc.num_processes
         return (f"MoCo v2 {c.model.arch} ({params:.1f}M params) on {self.device}, precision {self.acc.mixed_precision}"
                 f" | batch {c.train.batch_size} = {c.micro_batch} x {per_process} micro-batches"
-                f" x {self.acc.num_processes} processes, {c.moco.key_chunks} key chunks"
+                f" x {self.acc.num_processes} processes"
+                f"{f' (micro-batch auto: {self.auto_micro_batch})' if self.auto_micro_batch else ''}"
+                f", {c.moco.key_chunks} key chunks"
                 f"{' per process' if self.acc.num_processes > 1 else ''}"
                 f"{', shuffled across processes' if self.acc.num_processes > 1 and c.moco.shuffle_across_processes else ''}"
                 f", K {c.moco.queue_size}"

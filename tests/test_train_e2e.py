@@ -196,3 +196,17 @@ def test_trackers_receive_every_metrics_record_and_missing_packages_are_named(tm
     monkeypatch.setattr("accelerate.utils.is_tensorboard_available", lambda: False)
     with pytest.raises(UserError, match="train.log_with=tensorboard needs the tensorboard package: pip install"):
         progress.trackers("tensorboard")
+
+
+def test_auto_micro_batch_is_recorded_and_a_resumed_run_keeps_the_first_choice(tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    run(out, "train.max_steps=4")  # micro-batch 16, checkpoint at step 4
+    run(out, "train.micro_batch_size=auto")  # resumes: keeps 16, not the CPU rule's 32
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["micro_batch_size"] == 16
+    epochs = [r for r in metrics(out) if r["kind"] == "epoch"]
+    assert [r["micro_batch_size"] for r in epochs] == [16, 16] and all(r["micro_batch_auto"] for r in epochs)
+    fresh = tmp_path / "fresh"
+    run(fresh, "train.micro_batch_size=auto", "train.max_steps=2")  # a CPU: the rule
+    assert yaml.safe_load((fresh / "config.yaml").read_text())["train"]["micro_batch_size"] == 32

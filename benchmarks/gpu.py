@@ -1,0 +1,214 @@
+"""`python -m benchmarks gpu [--smoke]`: the one command for a machine with a GPU (< 8 min).
+
+    1. the CUDA-only tests (pytest -k cuda)
+    2. the planner against torch.cuda.max_memory_allocated for recipes/imagenet_resnet50_mocov2.yaml
+       at micro-batches 32, 128, 256, fp16, checkpointing off and on, the GPU capped at 16 GiB;
+       the error of each cell, and what the margin (plan.CUDA_MARGIN) must cover: reserved
+       memory over the prediction, and the CUDA context
+    3. the MoCo step's images/s over timm's supervised step's, same backbone and micro-batch
+    4. the batched GPU input pipeline's two-view images/s at 224 px
+    5. 2 epochs of recipes/cifar10_resnet18.yaml: s/epoch and kNN top-1
+
+Writes benchmarks/results/gpu-<device>-<date>.{json,md}. Offline: the data is the CIFAR-10 JPEG
+tarball at data/cifar10-train-jpeg.tar.gz (git-ignored; copy it next to the checkout).
+`--smoke` runs the same sections at tiny sizes on a CPU (the test suite does).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lowmem_moco.config import load_config
+from lowmem_moco.plan import CUDA_MARGIN, PlannedStep
+
+from .cells import Cell
+from .data_pipeline import cifar_subset, measure_pipeline
+from .measure import REPO_ROOT, time_together
+
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+TARBALL = REPO_ROOT / "data" / "cifar10-train-jpeg.tar.gz"
+CAP_GIB = 16
+FULL = dict(plan_recipe="recipes/imagenet_resnet50_mocov2.yaml", plan_overrides=[], micro_batches=(32, 128, 256),
+            precision="fp16", speed=dict(arch="resnet50", image_size=224, micro_batch=128, batch=256,
+                                         queue_size=65536, key_chunks=8),
+            pipeline=dict(image_size=224, images=2048, batch=256, n_batches=6),
+            cifar_overrides=["train.epochs=2", "eval.knn_every=1", "train.checkpoint_every=0"], cifar_images=50000)
+SMOKE = dict(plan_recipe="recipes/imagenet_resnet50_mocov2.yaml",
+             plan_overrides=["model.arch=resnet18", "model.timm_kwargs.channels=[8,16,32,64]", "data.image_size=32",
+                             "train.batch_size=8", "train.micro_batch_size=8", "moco.queue_size=256",
+                             "moco.key_chunks=2"],
+             micro_batches=(4, 8), precision="bf16",
+             speed=dict(arch="resnet18", image_size=32, micro_batch=8, batch=16, queue_size=256, key_chunks=2),
+             pipeline=dict(image_size=32, images=64, batch=16, n_batches=2),
+             cifar_overrides=["train.epochs=1", "train.batch_size=32", "train.micro_batch_size=16",
+                              "moco.queue_size=256", "moco.key_chunks=2", "model.timm_kwargs.channels=[8,16,32,64]",
+                              "train.precision=no", "train.channels_last=false", "eval.knn_k=10",
+                              "data.num_workers=0", "data.augment=batched",
+                              "eval.knn_every=1", "train.checkpoint_every=0"], cifar_images=200)
+
+
+def cuda_tests() -> dict:
+    # Only the test files that have CUDA-only tests: collecting the whole suite takes a while.
+    files = [str(p.relative_to(REPO_ROOT)) for p in sorted((REPO_ROOT / "tests").glob("test_*.py"))
+             if "torch.cuda.is_available()" in p.read_text()]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-k", "cuda", "-p", "no:cacheprovider", *files],
+                          cwd=REPO_ROOT, capture_output=True, text=True)
+    summary = (proc.stdout.strip().splitlines() or ["no output"])[-1]
+    return dict(returncode=proc.returncode, summary=summary, passed=proc.returncode in (0, 5))
+
+
+def measured_peak(cfg, precision: str, checkpointing: bool, micro_batch: int, real_cpu_step=None) -> dict:
+    """The real step's peak: max_memory_allocated on a GPU (second step: optimizer state and
+    cuDNN's autotuning done), MemTracker's on a CPU (`real_cpu_step`: a PlannedStep, fake=False)."""
+    if real_cpu_step is not None:
+        return dict(allocated=real_cpu_step.predict(micro_batch).peak_bytes)
+    from .cuda_step import cuda_step_peaks
+    return cuda_step_peaks(cfg, precision, checkpointing, micro_batch)
+
+
+def planner_vs_measured(s: dict, device: torch.device, log) -> list[dict]:
+    cells = []
+    for ckpt in (False, True):
+        cfg = load_config(s["plan_recipe"], s["plan_overrides"] + [f"train.grad_checkpointing={ckpt}"])
+        planned_step = PlannedStep(cfg, s["precision"], ckpt)
+        real_cpu_step = PlannedStep(cfg, s["precision"], ckpt, fake=False) if device.type == "cpu" else None
+        for mb in s["micro_batches"]:
+            planned = planned_step.predict(mb)
+            cell = dict(micro_batch=mb, checkpointing=ckpt, precision=s["precision"], planned=planned.peak_bytes,
+                        plan_s=round(planned.seconds, 2))
+            try:
+                cell.update(measured_peak(cfg, s["precision"], ckpt, mb, real_cpu_step))
+                cell["error"] = planned.peak_bytes / cell["allocated"] - 1
+                if "reserved" in cell:
+                    cell["reserved_over_planned"] = cell["reserved"] / planned.peak_bytes
+            except torch.OutOfMemoryError as err:
+                cell.update(oom=True, note=str(err).splitlines()[0][:200])
+            error = f", error {cell['error']:+.1%}" if "error" in cell else ""
+            log(f"  mb {mb:>4} ckpt {'on ' if ckpt else 'off'}: planned {planned.peak_bytes / 2**30:.3f} GiB, "
+                f"measured {cell.get('allocated', float('nan')) / 2**30:.3f} GiB{error}")
+            cells.append(cell)
+    return cells
+
+
+def speed(s: dict, device: str) -> dict:
+    v = s["speed"]
+    precision = "no" if device == "cpu" else "fp16"
+    moco = Cell("lowmem", v["arch"], v["image_size"], v["micro_batch"], v["batch"], precision, False,
+                v["key_chunks"], device == "cuda", v["queue_size"])
+    supervised = Cell("supervised", v["arch"], v["image_size"], v["micro_batch"], 0, precision,
+                      channels_last=device == "cuda")
+    a, b = time_together([moco, supervised], device, warmup=1, repeats=3, threads=1 if device == "cpu" else None)
+    ratio = a["images_per_s"] / b["images_per_s"] if a.get("images_per_s") and b.get("images_per_s") else None
+    return dict(moco=a, supervised=b, moco_over_supervised=ratio, cell=moco.label)
+
+
+def cifar_run(s: dict, tarball: Path, work: Path) -> dict:
+    from lowmem_moco.train import train
+
+    root = cifar_subset(s["cifar_images"], work, tarball)
+    out = work / f"run-{time.time_ns()}"
+    cfg = load_config("recipes/cifar10_resnet18.yaml", ["data.source=folder", f"data.root={root}",
+                                                        f"output_dir={out}"] + s["cifar_overrides"])
+    start = time.perf_counter()
+    train(cfg)
+    wall = time.perf_counter() - start
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    steps = [b["step"] - a for a, b in zip([0] + [r["step"] for r in epochs], epochs)]
+    per_epoch = [round(n * cfg.train.batch_size / r["images_per_sec"], 1) for n, r in zip(steps, epochs)]
+    return dict(whole_process_s=round(wall, 1), epochs=len(epochs), s_per_epoch=per_epoch,
+                images_per_sec=[round(r["images_per_sec"], 1) for r in epochs],
+                knn_top1=[r.get("knn_top1") for r in epochs], peak_mem_mb=[r["peak_mem_mb"] for r in epochs])
+
+
+def environment(device: torch.device) -> dict:
+    env = dict(torch=torch.__version__, device=str(device), created=datetime.datetime.now().isoformat(timespec="seconds"))
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(name=props.name, total_memory=props.total_memory, capability=f"{props.major}.{props.minor}")
+    return env
+
+
+def markdown(r: dict) -> str:
+    env, lines = r["environment"], []
+    lines += [f"# benchmarks gpu: {env.get('name', env['device'])}, {env['created'][:10]}", "",
+              f"`{r['command']}`, torch {env['torch']}" + (f", total memory {env['total_memory'] / 2**30:.2f} GiB"
+                                                            if "total_memory" in env else "") + ".", "",
+              f"CUDA-only tests: {r['cuda_tests']['summary']}", "",
+              f"## Planner (predicted) vs measured peak, {r['plan_recipe']}"
+              f"{' ' + ' '.join(r['plan_overrides']) if r['plan_overrides'] else ''}, capped at {CAP_GIB} GiB", "",
+              "| micro-batch | checkpointing | predicted GiB | measured allocated GiB | error | reserved GiB |",
+              "|---|---|---|---|---|---|"]
+    for c in r["planner"]:
+        measured = "OOM" if c.get("oom") else f"{c['allocated'] / 2**30:.3f}"
+        reserved = f"{c['reserved'] / 2**30:.3f}" if "reserved" in c else "-"
+        error = f"{c['error']:+.1%}" if "error" in c else "-"
+        lines.append(f"| {c['micro_batch']} | {'on' if c['checkpointing'] else 'off'} | "
+                     f"{c['planned'] / 2**30:.3f} | {measured} | {error} | {reserved} |")
+    m = r.get("margin")
+    if m:
+        lines += ["", f"What the margin must cover (measured): reserved / predicted up to {m['reserved_over_planned']:.3f}, "
+                      f"memory outside PyTorch's allocator up to {m['outside_allocator_gib']:.2f} GiB; "
+                      f"lowmem_moco/plan.py's CUDA_MARGIN is {m['provisional']}"]
+    sp = r["speed"]
+    if sp.get("moco_over_supervised"):
+        lines += ["", f"MoCo step vs timm's supervised step ({sp['cell']}): {sp['moco']['images_per_s']:.1f} vs "
+                      f"{sp['supervised']['images_per_s']:.1f} images/s, ratio {sp['moco_over_supervised']:.2f}"]
+    p = r["pipeline"]
+    lines += ["", f"Input pipeline at {p['image_size']} px (two views, images/s): "
+                  + ", ".join(f"{k} {p[k]:.0f}" for k in ("per_image", "batched_cpu", "batched_cuda") if p.get(k))]
+    c = r["cifar"]
+    lines += ["", f"recipes/cifar10_resnet18.yaml, {c['epochs']} epoch(s): s/epoch {c['s_per_epoch']}, "
+                  f"kNN top-1 {c['knn_top1']}, whole-process {c['whole_process_s']} s"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    smoke = "--smoke" in argv
+    out_dir = Path(argv[argv.index("--out") + 1]) if "--out" in argv else RESULTS
+    tarball = Path(argv[argv.index("--tarball") + 1]) if "--tarball" in argv else TARBALL
+    device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu" and not smoke:
+        sys.exit("no CUDA GPU is visible to PyTorch; run with --smoke to exercise this command on a CPU")
+    s = SMOKE if smoke else FULL
+    if smoke:  # tiny steps: more threads only spin on a shared CPU
+        torch.set_num_threads(1)
+    if device.type == "cuda":  # behave like a 16 GiB card
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * 2**30 / total), device)
+    work = Path(tempfile.mkdtemp(prefix="lowmem_moco_gpu_")) if smoke else REPO_ROOT / "data" / "gpu-bench"
+    r = dict(command="python -m benchmarks gpu " + " ".join(argv), environment=environment(device),
+             plan_recipe=s["plan_recipe"], plan_overrides=s["plan_overrides"])
+    start, r["section_s"] = time.perf_counter(), {}
+    sections = [("cuda_tests", "CUDA-only tests", cuda_tests),
+                ("planner", "planner vs measured", lambda: planner_vs_measured(s, device, print)),
+                ("speed", "MoCo step vs supervised step", lambda: speed(s, device.type)),
+                ("pipeline", "input pipeline", lambda: measure_pipeline(**s["pipeline"], workers=2, work_dir=work,
+                                                                        tarball=tarball, devices=(device.type,))),
+                ("cifar", "CIFAR-10 run", lambda: cifar_run(s, tarball, work))]
+    for key, title, run in sections:
+        print(f"{title} ...", flush=True)
+        began = time.perf_counter()
+        r[key] = run()
+        r["section_s"][key] = round(time.perf_counter() - began, 1)
+    r["whole_process_s"] = round(time.perf_counter() - start, 1)
+    measured = [c for c in r["planner"] if "reserved" in c]
+    if measured:  # what plan.CUDA_MARGIN has to cover, for the next person to set it from
+        r["margin"] = dict(reserved_over_planned=max(c["reserved_over_planned"] for c in measured),
+                           outside_allocator_gib=max(c["outside_allocator"] for c in measured) / 2**30,
+                           provisional=CUDA_MARGIN)
+    slug = re.sub(r"[^a-z0-9]+", "-", r["environment"].get("name", "cpu").lower()).strip("-")
+    stem = out_dir / f"gpu-{slug}{'-smoke' if smoke else ''}-{datetime.date.today().isoformat()}"
+    stem.with_suffix(".json").write_text(json.dumps(r, indent=1, default=str))
+    stem.with_suffix(".md").write_text(markdown(r))
+    print(f"wrote {stem}.json and .md ({r['whole_process_s']} s)")
+    return 0 if r["cuda_tests"]["passed"] and all(not c.get("oom") for c in r["planner"]) or smoke else 1

@@ -1,0 +1,79 @@
+"""`train.micro_batch_size: auto`: the micro-batch chosen when a run starts.
+
+- A run that resumes keeps the micro-batch its newest checkpoint was trained with: BatchNorm
+  sees the same groups of images, so the run stays exact.
+- On a CUDA GPU, one process: the planner (plan.py) predicts the step for every micro-batch
+  that divides the effective batch and takes the largest whose peak fits the device's free
+  memory with the margin (plan.CUDA_MARGIN); checkpointing stays as the recipe sets it.
+- Otherwise (a CPU, several processes, or a model the planner cannot run): RULE_MAX_MICRO_BATCH,
+  i.e. the largest divisor of each process's share of the batch that is at most 64. A CPU
+  gains no speed from larger micro-batches, and 64 images per BatchNorm group keep memory
+  modest (the official 8-GPU recipe normalises groups of 32).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import torch
+
+from .checkpoint import list_checkpoints
+from .config import Config
+from .errors import UserError
+
+AUTO = "auto"
+RULE_MAX_MICRO_BATCH = 64
+
+
+def rule_micro_batch(share: int) -> int:
+    return max(m for m in range(1, min(share, RULE_MAX_MICRO_BATCH) + 1) if share % m == 0)
+
+
+def resumed_micro_batch(output_dir: str) -> int | None:
+    """The micro-batch of the newest checkpoint in `output_dir`, read from its header only."""
+    from safetensors import safe_open
+
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            with safe_open(str(path), "pt") as f:
+                saved = json.loads(f.metadata()["lowmem_moco"])["config"]["train"]
+        except Exception:  # an unreadable checkpoint is skipped, as load_latest does
+            continue
+        return saved.get("micro_batch_size") or saved["batch_size"]
+    return None
+
+
+def choose_micro_batch(cfg: Config, device: torch.device, precision: str, processes: int = 1) -> tuple[int, str]:
+    """(micro-batch, how it was chosen) for a config whose train.micro_batch_size is 'auto'."""
+    kept = resumed_micro_batch(cfg.output_dir)
+    if kept is not None:
+        return kept, "kept from the checkpoint this run resumes"
+    share = cfg.train.batch_size // processes
+    rule = rule_micro_batch(share)
+    if device.type != "cuda" or processes > 1:
+        where = "a CPU" if device.type != "cuda" else f"{processes} processes"
+        return rule, f"rule for {where}: largest divisor of {share} up to {RULE_MAX_MICRO_BATCH}"
+    free, _ = torch.cuda.mem_get_info(device)
+    try:
+        chosen, peak = plan_micro_batch(cfg, precision, free)
+    except UserError:
+        raise
+    except Exception as err:  # the planner is a help, not a requirement
+        warnings.warn(f"the planner could not run ({type(err).__name__}: {err}); train.micro_batch_size=auto "
+                      f"falls back to {rule}", stacklevel=2)
+        return rule, f"rule (the planner failed): largest divisor of {share} up to {RULE_MAX_MICRO_BATCH}"
+    return chosen, (f"planner: {peak / 2**30:.2f} GiB predicted, {free / 2**30:.2f} GiB free on "
+                    f"{torch.cuda.get_device_name(device)}")
+
+
+def plan_micro_batch(cfg: Config, precision: str, free_bytes: int) -> tuple[int, int]:
+    """(largest micro-batch predicted to fit `free_bytes` with the margin, its predicted peak)."""
+    from .plan_search import Planner, nothing_fits, search
+
+    planner = Planner(cfg, precision)
+    with torch.random.fork_rng(devices=[]):  # building the model draws numbers: leave the run's alone
+        result = search(planner, free_bytes, checkpointing=(cfg.train.grad_checkpointing,))
+    if result.choice is None:
+        raise nothing_fits(planner, result)
+    return result.choice.micro_batch, result.choice.peak_bytes

@@ -1,0 +1,197 @@
+"""Predicted peak GPU memory of a recipe's training step, on any machine.
+
+    step = PlannedStep(cfg, precision="fp16", checkpointing=True)
+    prediction = step.predict(micro_batch=128)  # Prediction(peak_bytes=..., by_category={...})
+
+The step is the trainer's own: the encoder from `encoder_from_config`, `MoCo`, the optimizer
+from `build_optimizer`, `MoCoStep` with its micro-batches and key chunks, and both input views
+of the whole effective batch as the pipeline hands them over. The model is built for real on
+the CPU (timm's constructors read values), then its parameters, buffers and optimizer state
+are swapped for fake tensors (torch's FakeTensorMode): every operator runs on shapes only,
+and torch's MemTracker (lowmem_moco/memtrack.py) counts the storages it creates and frees.
+
+As on a GPU, the optimizer uses PyTorch's foreach implementation (SGD with weight decay then
+holds a temporary copy of the gradients), the views are in the pipeline's dtype, and
+autocast is applied here since accelerate turns fp16 off on a CPU. Loss scaling (fp16) works
+on scalars and in place: nothing to plan.
+
+What a fake CPU step does not see of a CUDA step: the CUDA context, cuDNN workspaces, the
+caching allocator's rounding and fragmentation, and ops whose CUDA autocast dtype differs
+from the CPU one. `CUDA_MARGIN` covers them; it is provisional until `python -m benchmarks gpu`
+measures it on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .backbones import enable_grad_checkpointing, encoder_from_config
+from .config import Config
+from .errors import ConfigError
+from .memtrack import peak_by_category, step_tracker
+from .moco import MoCo
+from .step import MoCoStep
+from .train import build_optimizer
+
+GiB = 2**30
+DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    capacity_gib: float  # assumed: what PyTorch reports as the card's total capacity
+    precision: str  # the mixed precision the card runs natively
+
+
+# Assumed capacities (not measured here): PyTorch reports a 16 GB T4 as 14.56-14.76 GiB in
+# public out-of-memory messages; the others are their nominal size less the same ~2.5 %.
+GPUS = {g.name: g for g in [Gpu("t4", 14.56, "fp16"), Gpu("l4", 21.9, "bf16"), Gpu("a100-40", 39.0, "bf16"),
+                            Gpu("a100-80", 78.0, "bf16"), Gpu("h100", 78.0, "bf16")]}
+
+# Kept free of the budget for what the fake CPU step cannot see (module docstring):
+# PROVISIONAL (no GPU measurement yet): a fraction of the budget plus a fixed amount.
+CUDA_MARGIN = {"fraction": 0.10, "fixed_gib": 0.5}
+
+
+def usable_bytes(budget_bytes: int, margin: dict = CUDA_MARGIN) -> int:
+    """The largest predicted peak that fits `budget_bytes` with the margin kept free."""
+    return int(budget_bytes * (1 - margin["fraction"]) - margin["fixed_gib"] * GiB)
+
+
+def gpu(name: str) -> Gpu:
+    if name not in GPUS:
+        raise ConfigError(f"unknown --gpu {name!r}; known GPUs: {', '.join(GPUS)} (or give --budget-gb N)")
+    return GPUS[name]
+
+
+@dataclass
+class Prediction:
+    peak_bytes: int
+    by_category: dict  # bytes: params, grads, optimizer, activations, temporaries, inputs, queue, buffers
+    precision: str
+    micro_batch: int
+    checkpointing: bool
+    method: str  # "fake" (planned) or "real-cpu" (measured on real CPU tensors)
+    seconds: float = 0.0
+    notes: list = field(default_factory=list)
+
+
+class _PlanningAccelerator:
+    """The part of accelerate's Accelerator that MoCoStep uses, for one process, with the
+    autocast of the GPU being planned for: accelerate turns fp16 off on a CPU."""
+
+    num_processes, process_index = 1, 0
+
+    def __init__(self, precision: str):
+        self.dtype = DTYPES[precision]
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=self.dtype)
+
+    def no_sync(self, module):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # fp16 loss scaling multiplies a scalar and unscales gradients in place: no memory to plan.
+        loss.backward()
+
+
+def _to_fake(module: nn.Module, mode: FakeTensorMode) -> None:
+    """Swap parameters and buffers for fake tensors of the same shape, dtype and layout.
+    0-dim buffers (the queue pointer, BatchNorm's batch counters) stay real: the step reads
+    their values, and they hold a few bytes."""
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                m._parameters[name] = mode.from_tensor(p)
+        for name, b in m._buffers.items():
+            if b is not None and b.dim() > 0:
+                m._buffers[name] = mode.from_tensor(b)
+
+
+def view_dtype(cfg: Config, precision: str) -> torch.dtype:
+    """The views' dtype on a GPU: the batched pipeline (auto's choice there) writes them in the
+    mixed-precision dtype, the per-image one in fp32 (train.py, pipeline.py)."""
+    if cfg.data.augment == "per_image":
+        return torch.float32
+    return DTYPES[precision] or torch.float32
+
+
+class PlannedStep:
+    """One recipe's step (precision and checkpointing fixed), built once, predicted at any micro-batch.
+
+    fake=False runs the same step on real CPU tensors: a measurement, for checking the
+    planner and for models it cannot trace."""
+
+    def __init__(self, cfg: Config, precision: str, checkpointing: bool, fake: bool = True):
+        self.cfg, self.precision, self.checkpointing, self.fake = cfg, precision, checkpointing, fake
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+        torch.manual_seed(cfg.train.seed)
+        encoder = encoder_from_config(cfg)
+        if checkpointing:
+            enable_grad_checkpointing(encoder.backbone, cfg.model.arch)
+        self.moco = MoCo(encoder, cfg.moco.queue_size, cfg.model.dim)
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        if cfg.train.channels_last:
+            self.moco.to(memory_format=torch.channels_last)
+        if fake:
+            _to_fake(self.moco, self.mode)
+        self.optimizer = build_optimizer(self.moco.encoder_q.parameters(), cfg)
+        for group in self.optimizer.param_groups:
+            group["foreach"] = True  # PyTorch's default on a GPU (a whole-model temporary in SGD)
+        with self._mode():
+            self._prime_optimizer()
+
+    def _mode(self):
+        return self.mode if self.fake else contextlib.nullcontext()
+
+    def _prime_optimizer(self) -> None:
+        """One zero-gradient step: the optimizer state exists, as in the middle of training."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def fixed_bytes(self) -> dict:
+        """What exists before any image: both encoders' parameters and buffers (with the queue)
+        and the optimizer state."""
+        def nbytes(tensors) -> int:
+            return sum(t.untyped_storage().nbytes() for t in tensors)
+        state = [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        return {"params": nbytes(self.moco.parameters()), "buffers": nbytes(self.moco.buffers()),
+                "optimizer": nbytes(state), "queue": nbytes([self.moco.queue])}
+
+    def predict(self, micro_batch: int, lean: bool = True) -> Prediction:
+        cfg, start = self.cfg, time.perf_counter()
+        batch = cfg.train.batch_size
+        if micro_batch < 2 or batch % micro_batch:
+            raise ConfigError(f"train.micro_batch_size={micro_batch} does not divide train.batch_size={batch} "
+                              f"into micro-batches of at least 2; use a divisor of {batch}")
+        step = MoCoStep(self.moco, self.optimizer, _PlanningAccelerator(self.precision), micro_batch=micro_batch,
+                        key_chunks=cfg.moco.key_chunks, temperature=cfg.moco.temperature,
+                        symmetric=cfg.moco.symmetric, guard_bn_stats=self.checkpointing, planning=self.fake)
+        size, dtype = cfg.data.image_size, view_dtype(cfg, self.precision)
+        tracker = step_tracker(lean=lean)
+        with self._mode():
+            # The pipeline hands over both views of the whole effective batch: Bx3xSxS each.
+            views = [torch.zeros(batch, 3, size, size, dtype=dtype).contiguous(memory_format=self.memory_format)
+                     for _ in range(2)]
+            tracker.track_external(self.moco, self.optimizer, *views)
+            with tracker:
+                step(*views, cfg.moco.momentum, torch.Generator().manual_seed(cfg.train.seed + 1))
+        by_category = peak_by_category(tracker, "cpu")
+        total = by_category.pop("total")
+        queue = min(by_category.get("buffers", 0), self.moco.queue.untyped_storage().nbytes())
+        by_category["queue"], by_category["buffers"] = queue, by_category.get("buffers", 0) - queue
+        return Prediction(total, by_category, self.precision, micro_batch, self.checkpointing,
+                          "fake" if self.fake else "real-cpu", time.perf_counter() - start)
