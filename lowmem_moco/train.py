@@ -372,9 +372,8 @@ class Trainer:
     def _oom_message(self) -> str:
         c = self.cfg
         return (f"CUDA ran out of memory at step {self.step + 1} with train.micro_batch_size={c.micro_batch}, "
-                f"{c.data.image_size} px, {c.model.arch}. Find the largest micro-batch that fits with "
-                f"`python -m benchmarks fit --arch {c.model.arch} --image-size {c.data.image_size}`, or reduce "
-                f"memory with train.micro_batch_size={max(2, c.micro_batch // 2)} (the effective batch stays "
+                f"{c.data.image_size} px, {c.model.arch}. Let the planner pick with train.micro_batch_size=auto, see "
+                f"what fits with `lowmem-moco plan RECIPE --budget-gb N`, or reduce memory with train.micro_batch_size={max(2, c.micro_batch // 2)} (the effective batch stays "
                 f"{c.train.batch_size}), train.grad_checkpointing=true, train.precision=fp16 or "
                 f"moco.key_chunks={min(c.train.batch_size // 2, c.moco.key_chunks * 2)}")
 

@@ -131,14 +131,14 @@ def test_resume_with_another_effective_batch_is_refused(tmp_path):
         Trainer(tiny(tmp_path, "train.batch_size=64"))
 
 
-def test_out_of_memory_names_the_fit_finder_and_the_overrides(tmp_path, monkeypatch):
+def test_out_of_memory_names_the_planner_and_the_overrides(tmp_path, monkeypatch):
     trainer = Trainer(tiny(tmp_path))
 
     def oom(self, *args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(MoCoStep, "__call__", oom)
-    with pytest.raises(UserError, match=r"python -m benchmarks fit .* train.micro_batch_size=8"):
+    with pytest.raises(UserError, match=r"train.micro_batch_size=auto.*lowmem-moco plan RECIPE --budget-gb N.* train.micro_batch_size=8"):
         trainer.fit()
 
 
