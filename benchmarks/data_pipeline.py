@@ -3,8 +3,9 @@
     python -m benchmarks.data_pipeline --image-size 32 --image-size 96
 
 Data: real CIFAR-10 JPEGs (a class-balanced subset of ../shared/data/cifar10-train-jpeg.tar.gz)
-at 32 px; for larger sizes the same images upscaled and saved as JPEGs (128 px for 96,
-256 px for 224), so both paths decode real files. Paths measured, same batches and count:
+at 32 px; for larger sizes photo-sized JPEGs (alternately 500x375 and 375x500, each a
+mosaic of 12 CIFAR-10 images upscaled to 125 px), so both paths decode real files of the
+size and shapes of ImageNet's photos. Paths measured, same batches and count:
 
     per_image            DataLoader(TwoViews(FileImages, mocov2_transform(S))), N workers, keys
                          (index, sample_seed), as in training
@@ -73,23 +74,35 @@ def cifar_subset(count: int, work_dir: Path, tarball: Path = TARBALL) -> Path:
     return root
 
 
-def upscaled(source: Path, side: int) -> Path:
-    """The same JPEGs resized to side x side (bicubic), saved once beside the source."""
-    root = source.parent.parent / f"{source.parent.name}-{side}px" / "train"
+def composed_photos(source: Path, count: int) -> Path:
+    """`count` photo-sized JPEGs, alternately 500x375 and 375x500, saved once beside the source.
+
+    Each is a 4x3 (or 3x4) mosaic of consecutive CIFAR-10 JPEGs, each tile upscaled to 125 px
+    (bicubic): real photo content at the size and aspect ratios of ImageNet's typical images.
+    """
+    root = source.parent.parent / f"{source.parent.name}-photos{count}" / "train"
     done = root.parent / ".complete"
-    if not done.exists():
-        for path in sorted(source.glob("*/*.jpg")):
-            target = root / path.parent.name / path.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with Image.open(path) as image:
-                image.convert("RGB").resize((side, side), Image.BICUBIC).save(target, quality=90)
-        done.touch()
+    if done.exists():
+        return root
+    tiles = sorted(source.glob("*/*.jpg"))
+    for i in range(count):
+        columns, rows = (4, 3) if i % 2 == 0 else (3, 4)
+        photo = Image.new("RGB", (125 * columns, 125 * rows))
+        for t in range(columns * rows):
+            with Image.open(tiles[(i * 12 + t) % len(tiles)]) as tile:
+                photo.paste(tile.convert("RGB").resize((125, 125), Image.BICUBIC), (125 * (t % columns), 125 * (t // columns)))
+        target = root / tiles[i % len(tiles)].parent.name / f"{i:05d}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        photo.save(target, quality=90)
+    done.touch()
     return root
 
 
 def data_for(image_size: int, count: int, work_dir: Path, tarball: Path = TARBALL) -> Path:
-    root = cifar_subset(count, work_dir, tarball)
-    return root if image_size <= 32 else upscaled(root, 128 * math.ceil(1.15 * image_size / 128))
+    """CIFAR-10 JPEGs at 32 px and below; photo-sized mosaics of them (500x375, 375x500) above."""
+    if image_size <= 32:
+        return cifar_subset(count, work_dir, tarball)
+    return composed_photos(cifar_subset(max(count, 5000), work_dir, tarball), count)
 
 
 # ---------------------------------------------------------------------- timing

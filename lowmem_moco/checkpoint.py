@@ -147,12 +147,10 @@ def export_backbone(backbone: torch.nn.Module, path: str | Path, cfg, step: int)
     pretrained_cfg_overlay=dict(file=path)); small-image-stem ResNets are rebuilt first
     (see README).
     """
-    from .augment import IMAGENET_MEAN, IMAGENET_STD
-
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     atomic_write_bytes(path, st_save(state, metadata={"format": "pt"}))
     info = {"arch": cfg.model.arch, "timm_kwargs": cfg.model.timm_kwargs, "small_image_stem": cfg.model.small_image_stem,
-            "image_size": cfg.data.image_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "step": step}
+            "image_size": cfg.data.image_size, "mean": list(cfg.augment.mean), "std": list(cfg.augment.std), "step": step}
     path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     return path
