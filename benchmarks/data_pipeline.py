@@ -135,7 +135,7 @@ class _ViewsInWorker:
         self.augment = BatchedMoCoV2(image_size)
 
     def __call__(self, images, seeds):
-        return self.augment.two_views(images, torch.Generator().manual_seed(int(seeds[0])))
+        return self.augment.two_views(images, seeds)
 
 
 def measure_pipeline(image_size: int, images: int = 5000, batch: int = 256, n_batches: Optional[int] = None,
@@ -157,15 +157,14 @@ def measure_pipeline(image_size: int, images: int = 5000, batch: int = 256, n_ba
     started = time.perf_counter()
     cache = DecodedCache.open_or_build(data, work_dir / "cache", image_size, name=root.parent.name,
                                        progress=progress)
-    result.update(cache_seconds=round(time.perf_counter() - started, 2), storage_size=cache.storage_size,
-                  cache_build_seconds=cache.manifest["build_seconds"])
+    result.update(cache_seconds=round(time.perf_counter() - started, 2), shorter_side=cache.shorter_side,
+                  cache_bytes_per_image=cache.manifest["bytes_per_image"],
+                  cache_median_shape=cache.manifest["median_shape"], cache_build_seconds=cache.manifest["build_seconds"])
     augment = BatchedMoCoV2(image_size)
 
     def on(device: torch.device):
         for images_u8, _, seeds in cache.loader(keys, num_workers=1, pin_memory=device.type == "cuda"):
-            images_u8 = images_u8.to(device, non_blocking=True)
-            generator = torch.Generator(device).manual_seed(int(seeds[0]))
-            yield augment.two_views(images_u8, generator)
+            yield augment.two_views(images_u8.to(device, non_blocking=True), seeds)
 
     if "cpu" in devices:
         threads = torch.get_num_threads()
@@ -206,7 +205,8 @@ def main(argv=None) -> None:
         names = ("per_image", "batched_cpu", "batched_cpu_1thread", "batched_cpu_workers", "batched_cuda")
         cells = [f"{name} {r[name]:.0f}" for name in names if name in r]
         print(f"{size:>4} px | two-view img/s: {' | '.join(cells)} | best batched CPU / per-image: "
-              f"{r['cpu_speedup']}x | {r['images']} images, cache {r['storage_size']} px "
+              f"{r['cpu_speedup']}x | {r['images']} images, cache: shorter side <= {r['shorter_side']} px, "
+              f"median {r['cache_median_shape'][0]}x{r['cache_median_shape'][1]}, {r['cache_bytes_per_image']} bytes/image "
               f"(built in {r['cache_build_seconds']}s), {r['workers']} workers, {r['cpu_threads']} CPU threads")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
