@@ -159,7 +159,7 @@ def measure_pipeline(image_size: int, images: int = 5000, batch: int = 256, n_ba
                                        progress=progress)
     result.update(cache_seconds=round(time.perf_counter() - started, 2), shorter_side=cache.shorter_side,
                   cache_bytes_per_image=cache.manifest["bytes_per_image"],
-                  cache_median_shape=cache.manifest["median_shape"], cache_build_seconds=cache.manifest["build_seconds"])
+                  cache_median_sides=cache.manifest["median_sides"], cache_build_seconds=cache.manifest["build_seconds"])
     augment = BatchedMoCoV2(image_size)
 
     def on(device: torch.device):
@@ -206,7 +206,8 @@ def main(argv=None) -> None:
         cells = [f"{name} {r[name]:.0f}" for name in names if name in r]
         print(f"{size:>4} px | two-view img/s: {' | '.join(cells)} | best batched CPU / per-image: "
               f"{r['cpu_speedup']}x | {r['images']} images, cache: shorter side <= {r['shorter_side']} px, "
-              f"median {r['cache_median_shape'][0]}x{r['cache_median_shape'][1]}, {r['cache_bytes_per_image']} bytes/image "
+              f"median sides {r['cache_median_sides'][0]} and {r['cache_median_sides'][1]} px, "
+              f"{r['cache_bytes_per_image']} bytes/image "
               f"(built in {r['cache_build_seconds']}s), {r['workers']} workers, {r['cpu_threads']} CPU threads")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

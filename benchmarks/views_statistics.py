@@ -18,7 +18,6 @@ tests/test_views_statistics.py asserts the same measures against torchvision wit
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import numpy as np

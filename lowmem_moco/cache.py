@@ -265,7 +265,7 @@ def _build(images, directory: Path, stem: str, fingerprint: str, side: int, fail
     manifest = dict(version=CACHE_VERSION, fingerprint=fingerprint, shorter_side=side, layout="HWC uint8, flat",
                     count=count, source_count=total, skipped=total - count, pixel_bytes=offset,
                     bytes_per_image=round((offset + index[:count].nbytes) / count),
-                    median_shape=[int(v) for v in np.median(index[:count, 3:5], axis=0)],
+                    median_sides=[int(v) for v in np.median(np.sort(index[:count, 3:5], axis=1), axis=0)],
                     classes=list(getattr(images, "classes", [])), pixels_file=pixels_file, index_file=index_file,
                     build_seconds=round(time.perf_counter() - started, 1))
     temporary = directory / f"{stem}.json.tmp-{os.getpid()}"

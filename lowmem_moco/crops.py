@@ -52,12 +52,14 @@ def resized_crops(images: RaggedImages, source: list[int], boxes: torch.Tensor, 
     torchvision's resize of a uint8 tensor); elsewhere float32 in [0, 255], unrounded.
     """
     on_cpu = images.device.type == "cpu"
-    out = torch.empty(len(source), 3, size, size, dtype=torch.uint8 if on_cpu else torch.float32,
-                      device=images.device)
-    for k, ((top, left, height, width), flip) in enumerate(zip(boxes.long().tolist(), flips.tolist())):
-        crop = images.image(source[k])[None, :, top:top + height, left:left + width]  # (1, 3, h, w) view
+    sources = images.images()
+    resized = []
+    for k, (top, left, height, width) in zip(source, boxes.long().tolist()):
+        crop = sources[k][None, :, top:top + height, left:left + width]  # (1, 3, h, w) view
         if not on_cpu:
             crop = crop.float()
-        resized = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[k] = resized[0].flip(-1) if flip else resized[0]
+        resized.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False))
+    out = torch.cat(resized)  # (V, 3, S, S)
+    mirrored = torch.nonzero(flips.to(out.device)).squeeze(1)
+    out[mirrored] = out[mirrored].flip(-1)
     return out

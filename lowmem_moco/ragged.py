@@ -54,6 +54,12 @@ class RaggedImages:
         start = int(self.offsets[i])
         return self.pixels[start:start + height * width * 3].view(height, width, 3).permute(2, 0, 1)
 
+    def images(self) -> list[torch.Tensor]:
+        """All images as (3, H_i, W_i) uint8 views (cheaper than calling image(i) for each)."""
+        flat = self.pixels
+        return [flat[start:start + height * width * 3].view(height, width, 3).permute(2, 0, 1)
+                for start, (height, width) in zip(self.offsets.tolist(), self.shapes.tolist())]
+
     def to(self, device, non_blocking: bool = False) -> "RaggedImages":
         return RaggedImages(self.pixels.to(device, non_blocking=non_blocking), self.offsets, self.shapes)
 

@@ -175,7 +175,7 @@ def test_real_jpegs_to_two_views(cifar_folder, tmp_path):
     images = folder(cifar_folder)
     cache = DecodedCache.open_or_build(images, tmp_path / "cache", 32, progress=False)
     assert cache.shorter_side == 72 and len(cache) == len(images) and cache.skipped == 0
-    assert cache.manifest["median_shape"] == [32, 32] and cache.manifest["bytes_per_image"] == 32 * 32 * 3 + 40
+    assert cache.manifest["median_sides"] == [32, 32] and cache.manifest["bytes_per_image"] == 32 * 32 * 3 + 40
     batch, targets, seeds = CachedBatches(cache)[[(i, 100 + i) for i in range(0, len(cache), 7)]]
     q, k = BatchedMoCoV2(32).two_views(batch, seeds)
     assert q.shape == k.shape == (len(targets), 3, 32, 32) and not torch.equal(q, k)
