@@ -3,8 +3,9 @@
     python -m benchmarks.data_pipeline --image-size 32 --image-size 96
 
 Data: real CIFAR-10 JPEGs (a class-balanced subset of ../shared/data/cifar10-train-jpeg.tar.gz)
-at 32 px; for larger sizes the same images upscaled and saved as JPEGs (128 px for 96,
-256 px for 224), so both paths decode real files. Paths measured, same batches and count:
+at 32 px; for larger sizes photo-sized JPEGs (alternately 500x375 and 375x500, each a
+mosaic of 12 CIFAR-10 images upscaled to 125 px), so both paths decode real files of the
+size and shapes of ImageNet's photos. Paths measured, same batches and count:
 
     per_image            DataLoader(TwoViews(FileImages, mocov2_transform(S))), N workers, keys
                          (index, sample_seed), as in training
@@ -73,23 +74,35 @@ def cifar_subset(count: int, work_dir: Path, tarball: Path = TARBALL) -> Path:
     return root
 
 
-def upscaled(source: Path, side: int) -> Path:
-    """The same JPEGs resized to side x side (bicubic), saved once beside the source."""
-    root = source.parent.parent / f"{source.parent.name}-{side}px" / "train"
+def composed_photos(source: Path, count: int) -> Path:
+    """`count` photo-sized JPEGs, alternately 500x375 and 375x500, saved once beside the source.
+
+    Each is a 4x3 (or 3x4) mosaic of consecutive CIFAR-10 JPEGs, each tile upscaled to 125 px
+    (bicubic): real photo content at the size and aspect ratios of ImageNet's typical images.
+    """
+    root = source.parent.parent / f"{source.parent.name}-photos{count}" / "train"
     done = root.parent / ".complete"
-    if not done.exists():
-        for path in sorted(source.glob("*/*.jpg")):
-            target = root / path.parent.name / path.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with Image.open(path) as image:
-                image.convert("RGB").resize((side, side), Image.BICUBIC).save(target, quality=90)
-        done.touch()
+    if done.exists():
+        return root
+    tiles = sorted(source.glob("*/*.jpg"))
+    for i in range(count):
+        columns, rows = (4, 3) if i % 2 == 0 else (3, 4)
+        photo = Image.new("RGB", (125 * columns, 125 * rows))
+        for t in range(columns * rows):
+            with Image.open(tiles[(i * 12 + t) % len(tiles)]) as tile:
+                photo.paste(tile.convert("RGB").resize((125, 125), Image.BICUBIC), (125 * (t % columns), 125 * (t // columns)))
+        target = root / tiles[i % len(tiles)].parent.name / f"{i:05d}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        photo.save(target, quality=90)
+    done.touch()
     return root
 
 
 def data_for(image_size: int, count: int, work_dir: Path, tarball: Path = TARBALL) -> Path:
-    root = cifar_subset(count, work_dir, tarball)
-    return root if image_size <= 32 else upscaled(root, 128 * math.ceil(1.15 * image_size / 128))
+    """CIFAR-10 JPEGs at 32 px and below; photo-sized mosaics of them (500x375, 375x500) above."""
+    if image_size <= 32:
+        return cifar_subset(count, work_dir, tarball)
+    return composed_photos(cifar_subset(max(count, 5000), work_dir, tarball), count)
 
 
 # ---------------------------------------------------------------------- timing
@@ -122,7 +135,7 @@ class _ViewsInWorker:
         self.augment = BatchedMoCoV2(image_size)
 
     def __call__(self, images, seeds):
-        return self.augment.two_views(images, torch.Generator().manual_seed(int(seeds[0])))
+        return self.augment.two_views(images, seeds)
 
 
 def measure_pipeline(image_size: int, images: int = 5000, batch: int = 256, n_batches: Optional[int] = None,
@@ -144,15 +157,14 @@ def measure_pipeline(image_size: int, images: int = 5000, batch: int = 256, n_ba
     started = time.perf_counter()
     cache = DecodedCache.open_or_build(data, work_dir / "cache", image_size, name=root.parent.name,
                                        progress=progress)
-    result.update(cache_seconds=round(time.perf_counter() - started, 2), storage_size=cache.storage_size,
-                  cache_build_seconds=cache.manifest["build_seconds"])
+    result.update(cache_seconds=round(time.perf_counter() - started, 2), shorter_side=cache.shorter_side,
+                  cache_bytes_per_image=cache.manifest["bytes_per_image"],
+                  cache_median_sides=cache.manifest["median_sides"], cache_build_seconds=cache.manifest["build_seconds"])
     augment = BatchedMoCoV2(image_size)
 
     def on(device: torch.device):
         for images_u8, _, seeds in cache.loader(keys, num_workers=1, pin_memory=device.type == "cuda"):
-            images_u8 = images_u8.to(device, non_blocking=True)
-            generator = torch.Generator(device).manual_seed(int(seeds[0]))
-            yield augment.two_views(images_u8, generator)
+            yield augment.two_views(images_u8.to(device, non_blocking=True), seeds)
 
     if "cpu" in devices:
         threads = torch.get_num_threads()
@@ -193,7 +205,9 @@ def main(argv=None) -> None:
         names = ("per_image", "batched_cpu", "batched_cpu_1thread", "batched_cpu_workers", "batched_cuda")
         cells = [f"{name} {r[name]:.0f}" for name in names if name in r]
         print(f"{size:>4} px | two-view img/s: {' | '.join(cells)} | best batched CPU / per-image: "
-              f"{r['cpu_speedup']}x | {r['images']} images, cache {r['storage_size']} px "
+              f"{r['cpu_speedup']}x | {r['images']} images, cache: shorter side <= {r['shorter_side']} px, "
+              f"median sides {r['cache_median_sides'][0]} and {r['cache_median_sides'][1]} px, "
+              f"{r['cache_bytes_per_image']} bytes/image "
               f"(built in {r['cache_build_seconds']}s), {r['workers']} workers, {r['cpu_threads']} CPU threads")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -6,6 +6,9 @@ run sees exactly the batches an uninterrupted one would. Two ways to make the vi
 - `per_image`: PIL images augmented one by one in DataLoader workers (any data, no cache);
 - `batched`: images decoded once into a memory-mapped uint8 cache, a batch sliced from it
   and augmented in one pass on the training device (what keeps a GPU fed by 2 CPU cores).
+
+Both read the `augment:` section. `preview(indices, epoch)` returns the views training
+makes for those samples in that epoch, unnormalised, for looking at them.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from .batched_augment import BatchedMoCoV2
 from .cache import CachedBatches, DecodedCache
 from .config import Config
 from .data import LabelledImages, TwoViews
+from .ragged import RaggedImages
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -68,11 +72,20 @@ class Pipeline:
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
 
+    def preview(self, indices: list[int], epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views q and k (N, 3, S, S), float in [0, 1], unnormalised, of samples `indices` as
+        training makes them in `epoch` (same data, augmentation and per-sample seeds)."""
+        seeds = [sample_seed(self.cfg.train.seed, epoch, int(i)) for i in indices]
+        return self._views(list(indices), seeds)
+
+    def _views(self, indices: list[int], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
 
 class PerImagePipeline(Pipeline):
     def __init__(self, images: LabelledImages, cfg: Config, device: torch.device, rank: int = 0, world: int = 1):
         super().__init__(cfg, device, rank, world)
-        self.views = TwoViews(images, mocov2_transform(cfg.data.image_size), cfg.data.on_bad_image)
+        self.views = TwoViews(images, mocov2_transform(cfg.data.image_size, cfg.augment), cfg.data.on_bad_image)
 
     def __len__(self) -> int:
         return len(self.views)
@@ -82,6 +95,12 @@ class PerImagePipeline(Pipeline):
         for view_q, view_k, skipped in loader:
             yield self._to_device(view_q), self._to_device(view_k), int(skipped.sum())
 
+    def _views(self, indices: list[int], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        unnormalised = TwoViews(self.views.base, mocov2_transform(self.cfg.data.image_size, self.cfg.augment,
+                                                                  normalize=False), self.cfg.data.on_bad_image)
+        pairs = [unnormalised[(i, s)] for i, s in zip(indices, seeds)]
+        return torch.stack([q for q, _, _ in pairs]), torch.stack([k for _, k, _ in pairs])
+
 
 class BatchedPipeline(Pipeline):
     def __init__(self, images: LabelledImages, cfg: Config, device: torch.device, rank: int = 0, world: int = 1,
@@ -90,8 +109,9 @@ class BatchedPipeline(Pipeline):
         d = cfg.data
         folder = Path(d.cache_dir) if d.cache_dir else Path(d.root) / ".lowmem_moco_cache"
         self.cache = DecodedCache.open_or_build(images, folder, d.image_size, name=f"{d.source}-train",
+                                                min_crop_scale=cfg.augment.crop_scale[0],
                                                 on_bad_image=d.on_bad_image, progress=rank == 0)
-        self.augment = BatchedMoCoV2(d.image_size)
+        self.augment = BatchedMoCoV2(d.image_size, cfg.augment)
         self.dtype = dtype
 
     def __len__(self) -> int:
@@ -102,11 +122,16 @@ class BatchedPipeline(Pipeline):
         loader = self._loader(CachedBatches(self.cache), min(1, self.cfg.data.workers),
                               sampler=self._sampler(epoch, start), batch_size=None)
         for images, _, seeds in loader:
-            # One generator per batch, seeded by the batch's first sample: exact on resume.
-            generator = torch.Generator().manual_seed(int(seeds[0]))
-            view_q, view_k = self.augment.two_views(images.to(self.device, non_blocking=True), generator, self.dtype)
+            view_q, view_k = self._two_views(images, seeds, self.dtype, normalize=True)
             yield view_q.contiguous(memory_format=self.memory_format), \
                 view_k.contiguous(memory_format=self.memory_format), 0
+
+    def _two_views(self, images: RaggedImages, seeds: torch.Tensor, dtype: torch.dtype, normalize: bool):
+        # Every view is a function of its sample's own seed: exact on resume, whatever the batch.
+        return self.augment.two_views(images.to(self.device, non_blocking=True), seeds, dtype, normalize)
+
+    def _views(self, indices: list[int], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._two_views(self.cache.batch(indices), torch.tensor(seeds), torch.float32, normalize=False)
 
 
 def build_pipeline(images: LabelledImages, cfg: Config, device: torch.device, rank: int = 0, world: int = 1,

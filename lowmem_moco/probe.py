@@ -24,7 +24,7 @@ from safetensors.torch import save as st_save
 from .backbones import Encoder, encoder_from_config
 from .checkpoint import atomic_write_bytes, export_backbone, load_latest
 from .config import Config, config_from_dict, load_config, read_recipe
-from .augment import linear_train_transform
+from .augment import eval_transform, linear_train_transform
 from .data import DataSplits, EvalImages, build_datasets
 from .errors import UserError
 from .evaluate import extract_features, knn_accuracy, linear_probe, linear_probe_augmented
@@ -61,6 +61,7 @@ def load_run(run_dir: str | Path, overrides: list[str] = (), head: bool | None =
 
 
 def _loader(cfg: Config, images, transform=None, shuffle: bool = False) -> torch.utils.data.DataLoader:
+    transform = transform or eval_transform(cfg.data.image_size, cfg.augment.mean, cfg.augment.std)
     views = EvalImages(images, cfg.data.image_size, cfg.data.on_bad_image, transform)
     return torch.utils.data.DataLoader(views, batch_size=256, shuffle=shuffle, num_workers=cfg.data.workers,
                                        generator=torch.Generator().manual_seed(cfg.train.seed))
@@ -92,7 +93,7 @@ def probe(cfg: Config, model, data: DataSplits, mode: str, step: int, cache: Pat
     classes = len(data.classes)
     if mode == "linear" and protocol == "paper":
         result = linear_probe_augmented(model.to(device), _loader(cfg, data.train, linear_train_transform(
-            cfg.data.image_size), shuffle=True), _loader(cfg, data.val), classes, epochs=linear_epochs,
+            cfg.data.image_size, cfg.augment.mean, cfg.augment.std), shuffle=True), _loader(cfg, data.val), classes, epochs=linear_epochs,
             device=device, seed=cfg.train.seed)
         return result, {"epochs": linear_epochs, "protocol": "paper"}
     train_f, train_y = _features(cfg, model, data.train, "train", step, cache, device)

@@ -121,3 +121,36 @@ class MetricsLog:
             numbers = {f"{kind}/{k}": v for k, v in record.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
             self.accelerator.log(numbers, step=record["step"])
+
+
+class DecodeBar:
+    """A rich progress bar in a terminal; start and end lines otherwise (pipes, notebooks' `!`)."""
+
+    def __init__(self, enabled: bool, total: int, title: str):
+        self.console = Console(highlight=False)
+        self.enabled, self.title, self.total = enabled, title, total
+        self.live = RichProgress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                             console=self.console, transient=True) if enabled and self.console.is_terminal else None
+
+    def __enter__(self):
+        if self.live is not None:
+            self.live.start()
+            self.task = self.live.add_task(self.title, total=self.total)
+        else:
+            self.print(self.title)
+        self.started = time.perf_counter()
+        return self
+
+    def advance(self, n: int) -> None:
+        if self.live is not None:
+            self.live.advance(self.task, n)
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.stop()
+        if exc[0] is None:
+            self.print(f"{self.title}: done in {time.perf_counter() - self.started:.1f}s")
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text)

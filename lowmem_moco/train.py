@@ -24,6 +24,7 @@ from accelerate.utils import set_seed
 from .backbones import backbone_plan_from_config, encoder_from_config, enable_grad_checkpointing
 from .checkpoint import export_backbone, join_state, load_latest, save_checkpoint, split_state
 from .config import Config, TrainConfig, config_from_dict, flat_config, save_config
+from .augment import eval_transform
 from .data import EvalImages, build_datasets
 from .errors import CheckpointError, ConfigError, UserError
 from .evaluate import extract_features, knn_accuracy
@@ -283,7 +284,9 @@ class Trainer:
                             k=cfg.eval.knn_k, t=cfg.eval.knn_t)["top1"]
 
     def _eval_loader(self, images):
-        return torch.utils.data.DataLoader(EvalImages(images, self.cfg.data.image_size, self.cfg.data.on_bad_image),
+        cfg = self.cfg
+        view = eval_transform(cfg.data.image_size, cfg.augment.mean, cfg.augment.std)
+        return torch.utils.data.DataLoader(EvalImages(images, cfg.data.image_size, cfg.data.on_bad_image, view),
                                            batch_size=max(64, self.cfg.micro_batch),
                                            num_workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda",
                                            generator=torch.Generator())  # leaves the global RNG alone

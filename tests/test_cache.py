@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from lowmem_moco import cache as cache_module
-from lowmem_moco.cache import CachedBatches, DecodedCache, square, storage_size
+from lowmem_moco.cache import CachedBatches, DecodedCache, fit_shorter_side, shorter_side
 from lowmem_moco.data import ArrayImages, FileImages
 from lowmem_moco.errors import DataError
 
@@ -50,27 +50,33 @@ def build(images, directory, **kw):
     return DecodedCache.open_or_build(images, directory, 16, progress=False, **kw)
 
 
-def test_storage_size_policy():
-    assert storage_size(224, 500) == 258
-    assert storage_size(32, 32) == 32  # CIFAR stays native
-    assert storage_size(96, 32) == 32  # never enlarged: the crop upsamples on the device
-    assert storage_size(96) == 110
+def test_shorter_side_policy():
+    assert shorter_side(224) == 501  # the smallest crop (scale 0.2) still has 224 px a side
+    assert shorter_side(32) == 72 and shorter_side(224, 0.08) == 792
+    whole = Image.new("RGB", (500, 375))
+    assert fit_shorter_side(whole, 501).shape == (375, 500, 3)  # never enlarged: ImageNet photos stay native
+    assert fit_shorter_side(whole, 215).shape == (215, 287, 3)  # aspect ratio kept, whole field of view
+    assert fit_shorter_side(Image.new("RGB", (32, 32)), 72).shape == (32, 32, 3)  # CIFAR stays native
 
 
 def test_build_contents_labels_and_batches(tmp_path):
     images = make_folder(tmp_path / "data")
     cache = build(images, tmp_path / "cache")
-    assert len(cache) == 8 and cache.storage_size == 18 and cache.skipped == 0  # 1.15 x 16, images larger
+    assert len(cache) == 8 and cache.shorter_side == 36 and cache.skipped == 0
     assert cache.targets.tolist() == images.targets and cache.classes == ["cat", "dog"]
-    assert np.array_equal(cache.images[5], square(images.load(5), 18))
-    assert not cache.images.flags.writeable  # read-only memory map
+    assert np.array_equal(cache.image(5), np.array(images.load(5)))  # smaller than 36 px: stored whole
+    assert [tuple(cache.image(i).shape) for i in (0, 1)] == [(30, 40, 3), (52, 30, 3)]
+    assert not cache.pixels.flags.writeable  # read-only memory map
     batch = cache.batch([5, 0, 5])
-    assert batch.shape == (3, 3, 18, 18) and batch.dtype == torch.uint8
-    assert batch.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(batch[0], torch.from_numpy(square(images.load(5), 18)).permute(2, 0, 1))
-    assert torch.equal(batch[0], batch[2]) and torch.equal(cache.batch(torch.tensor([5]))[0], batch[0])
-    manifest = json.loads((tmp_path / "cache" / "train-18px.json").read_text())
+    assert len(batch) == 3 and batch.pixels.dtype == torch.uint8
+    assert torch.equal(batch.image(0), torch.from_numpy(np.array(images.load(5))).permute(2, 0, 1))
+    assert torch.equal(batch.image(0), batch.image(2)) and torch.equal(cache.batch(torch.tensor([5])).image(0),
+                                                                       batch.image(0))
+    manifest = json.loads((tmp_path / "cache" / "train-36px.json").read_text())
     assert manifest["count"] == 8 and manifest["fingerprint"]
+    pixel_bytes = (4 * 30 * 40 + 4 * 52 * 30) * 3
+    assert manifest["pixel_bytes"] == pixel_bytes == os.path.getsize(tmp_path / "cache" / manifest["pixels_file"])
+    assert manifest["bytes_per_image"] == round((pixel_bytes + 8 * 5 * 8) / 8)  # pixels + index row
 
 
 def test_reused_when_current(tmp_path, monkeypatch):
@@ -78,7 +84,7 @@ def test_reused_when_current(tmp_path, monkeypatch):
     first = build(images, tmp_path / "cache")
     monkeypatch.setattr(cache_module, "_build", lambda *a, **k: pytest.fail("rebuilt a current cache"))
     again = build(folder(tmp_path / "data"), tmp_path / "cache")
-    assert again.manifest["images_file"] == first.manifest["images_file"]
+    assert again.manifest["pixels_file"] == first.manifest["pixels_file"]
 
 
 def test_rebuilt_when_a_file_or_the_size_changes(tmp_path):
@@ -87,12 +93,12 @@ def test_rebuilt_when_a_file_or_the_size_changes(tmp_path):
     Image.new("RGB", (40, 30), (255, 0, 0)).save(images.paths[0])
     os.utime(images.paths[0], ns=(1, 1))  # a new mtime even on coarse-clock file systems
     second = build(folder(tmp_path / "data"), tmp_path / "cache")
-    assert second.manifest["images_file"] != first.manifest["images_file"]
-    assert (second.images[0] == [255, 0, 0]).all()
-    assert not (tmp_path / "cache" / first.manifest["images_file"]).exists()  # old build removed
-    bigger = DecodedCache.open_or_build(images, tmp_path / "cache", 16, side=24, progress=False)
-    assert bigger.storage_size == 24 and bigger.images.shape == (8, 24, 24, 3)
-    assert build(images, tmp_path / "cache").manifest["images_file"] == second.manifest["images_file"]
+    assert second.manifest["pixels_file"] != first.manifest["pixels_file"]
+    assert (second.image(0) == [255, 0, 0]).all()
+    assert not (tmp_path / "cache" / first.manifest["pixels_file"]).exists()  # old build removed
+    smaller = DecodedCache.open_or_build(images, tmp_path / "cache", 16, side=24, progress=False)
+    assert smaller.shorter_side == 24 and smaller.image(1).shape == (42, 24, 3)  # 30x52 shrunk, aspect kept
+    assert build(images, tmp_path / "cache").manifest["pixels_file"] == second.manifest["pixels_file"]
 
 
 def test_interrupted_build_is_never_used(tmp_path, monkeypatch):
@@ -103,18 +109,19 @@ def test_interrupted_build_is_never_used(tmp_path, monkeypatch):
         calls.append(1)
         if len(calls) > 4:
             raise KeyboardInterrupt  # a killed build: not an unreadable image
-        return square(image, side)
+        return fit_shorter_side(image, side)
 
-    monkeypatch.setattr(cache_module, "square", dies_midway)
+    monkeypatch.setattr(cache_module, "fit_shorter_side", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         build(images, tmp_path / "cache")
-    assert not (tmp_path / "cache" / "train-18px.json").exists()
-    monkeypatch.setattr(cache_module, "square", square)
+    assert not (tmp_path / "cache" / "train-36px.json").exists()
+    monkeypatch.setattr(cache_module, "fit_shorter_side", fit_shorter_side)
     cache = build(images, tmp_path / "cache")
     assert len(cache) == 8
-    assert sorted(p.name for p in (tmp_path / "cache").glob("*.npy")) == sorted(
-        [cache.manifest["images_file"], cache.manifest["index_file"]])  # the partial files are gone
-    (tmp_path / "cache" / "train-18px.json").write_text('{"version": 1, "fingerp')  # a torn manifest
+    files = list((tmp_path / "cache").glob("*.npy")) + list((tmp_path / "cache").glob("*.u8"))
+    assert sorted(p.name for p in files) == sorted(
+        [cache.manifest["pixels_file"], cache.manifest["index_file"]])  # the partial files are gone
+    (tmp_path / "cache" / "train-36px.json").write_text('{"version": 2, "fingerp')  # a torn manifest
     assert len(build(images, tmp_path / "cache")) == 8
 
 
@@ -134,7 +141,7 @@ def test_in_memory_sets_need_an_identity(tmp_path):
     with pytest.raises(DataError, match="source_id"):
         build(InMemory(arrays), tmp_path / "cache")
     first = build(InMemory(arrays), tmp_path / "cache", source_id="synthetic-v1")
-    assert first.storage_size == 18 and (first.images[2] == 30).all()
+    assert first.shorter_side == 36 and (first.image(2) == 30).all() and first.image(2).shape == (20, 20, 3)
     assert build(InMemory(arrays), tmp_path / "cache", source_id="synthetic-v1").manifest == first.manifest
     assert build(InMemory(arrays), tmp_path / "cache", source_id="synthetic-v2").manifest != first.manifest
 
@@ -142,22 +149,23 @@ def test_in_memory_sets_need_an_identity(tmp_path):
 def test_array_backed_sets_are_identified_by_their_pixels(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 256, (6, 20, 20, 3), dtype=np.uint8)
     first = build(ArrayImages(pixels, [0, 1] * 3, ["a", "b"]), tmp_path / "cache")
-    assert np.array_equal(first.images[3], square(Image.fromarray(pixels[3]), 18))
+    assert np.array_equal(first.image(3), pixels[3])
     again = build(ArrayImages(pixels.copy(), [0, 1] * 3, ["a", "b"]), tmp_path / "cache")
     assert again.manifest == first.manifest
     pixels[2] = 0
     changed = build(ArrayImages(pixels, [0, 1] * 3, ["a", "b"]), tmp_path / "cache")
-    assert changed.manifest["images_file"] != first.manifest["images_file"] and (changed.images[2] == 0).all()
+    assert changed.manifest["pixels_file"] != first.manifest["pixels_file"] and (changed.image(2) == 0).all()
 
 
 def test_batches_for_the_trainer_keys(tmp_path):
     cache = build(make_folder(tmp_path / "data"), tmp_path / "cache")
     images, targets, seeds = CachedBatches(cache)[[(3, 103), (1, 101)]]
-    assert images.shape == (2, 3, 18, 18) and targets.tolist() == [0, 0] and seeds.tolist() == [103, 101]
+    assert len(images) == 2 and targets.tolist() == [0, 0] and seeds.tolist() == [103, 101]
+    assert torch.equal(images.image(1), cache.batch([1]).image(0))
     sampler = [[(i, 100 + i) for i in range(b, b + 4)] for b in (0, 4)]
     batches = list(cache.loader(sampler, num_workers=1))  # the cache pickles to a worker
-    assert [b[0].shape[0] for b in batches] == [4, 4] and batches[1][2].tolist() == [104, 105, 106, 107]
-    assert torch.equal(batches[1][0], cache.batch([4, 5, 6, 7]))
+    assert [len(b[0]) for b in batches] == [4, 4] and batches[1][2].tolist() == [104, 105, 106, 107]
+    assert torch.equal(batches[1][0].pixels, cache.batch([4, 5, 6, 7]).pixels)
 
 
 def test_real_jpegs_to_two_views(cifar_folder, tmp_path):
@@ -166,7 +174,8 @@ def test_real_jpegs_to_two_views(cifar_folder, tmp_path):
 
     images = folder(cifar_folder)
     cache = DecodedCache.open_or_build(images, tmp_path / "cache", 32, progress=False)
-    assert cache.storage_size == 32 and len(cache) == len(images) and cache.skipped == 0
-    batch, targets, _ = CachedBatches(cache)[list(range(0, len(cache), 7))]
-    q, k = BatchedMoCoV2(32).two_views(batch, torch.Generator().manual_seed(0))
+    assert cache.shorter_side == 72 and len(cache) == len(images) and cache.skipped == 0
+    assert cache.manifest["median_sides"] == [32, 32] and cache.manifest["bytes_per_image"] == 32 * 32 * 3 + 40
+    batch, targets, seeds = CachedBatches(cache)[[(i, 100 + i) for i in range(0, len(cache), 7)]]
+    q, k = BatchedMoCoV2(32).two_views(batch, seeds)
     assert q.shape == k.shape == (len(targets), 3, 32, 32) and not torch.equal(q, k)
