@@ -170,14 +170,15 @@ def test_exported_small_stem_backbones_reload_bit_identical(tmp_path, arch, kwar
             assert torch.equal(model.eval()(x), expected)
 
 
-def test_resume_refuses_another_head_init_or_backbone_size(tmp_path):
+def test_resume_refuses_another_head_or_backbone_size_but_not_an_init_that_changes_nothing(tmp_path):
     base = ["model.arch=vit_tiny_patch16_224", "model.timm_kwargs.depth=1", "data.image_size=32"]
     saved = load_config(None, base)
     check_compatible(saved, load_config(None, base), tmp_path)
-    for change, key in [("model.head=linear", "model.head"), ("model.resnet_init=torchvision", "model.resnet_init"),
-                        ("data.image_size=64", "img_size")]:
+    for change, key in [("model.head=linear", "model.head"), ("data.image_size=64", "img_size")]:
         with pytest.raises(CheckpointError, match=key):
             check_compatible(saved, load_config(None, [*base, change]), tmp_path)
+    # A ViT has no ResNet init to change: the same backbone is built, so the run resumes.
+    check_compatible(saved, load_config(None, [*base, "model.resnet_init=torchvision"]), tmp_path)
 
 
 def test_family_without_checkpointing_gets_a_clear_message():
