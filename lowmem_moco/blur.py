@@ -36,13 +36,16 @@ def gaussian_taps(sigma: torch.Tensor, radius: torch.Tensor, half: int) -> torch
     return taps / total[:, None]
 
 
-def _blur_axis(x: torch.Tensor, taps: torch.Tensor, dim: int) -> torch.Tensor:
-    """(N, C, H, W) blurred along `dim` (2: H, 3: W) with symmetric taps (N, half + 1), reflect padding."""
+def _blur_axis(x: torch.Tensor, taps: torch.Tensor, dim: int, pair: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) blurred along `dim` (2: H, 3: W) with symmetric taps (N, half + 1), reflect padding.
+
+    `pair` is scratch of x's shape: one buffer for every tap instead of a fresh tensor each.
+    """
     half, length = taps.shape[1] - 1, x.shape[dim]
     padded = F.pad(x, (half, half, 0, 0) if dim == 3 else (0, 0, half, half), mode="reflect")
     out = x * taps[:, 0, None, None, None]
     for t in range(1, half + 1):
-        pair = padded.narrow(dim, half - t, length) + padded.narrow(dim, half + t, length)
+        torch.add(padded.narrow(dim, half - t, length), padded.narrow(dim, half + t, length), out=pair)
         out.addcmul_(pair, taps[:, t, None, None, None])
     return out
 
@@ -51,16 +54,20 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_radius: int = 0) -> 
     """Float images (N, C, H, W) blurred with sigma[i] (N,) each; a new tensor.
 
     Separable, reflect padding (torchvision's GaussianBlur border); the half-width is
-    also kept below the image's side, which reflect padding needs.
+    also kept below the image's side, which reflect padding needs. Images are blurred in
+    groups of equal half-width, so a small sigma does not pay for the batch's largest.
     """
     height, width = x.shape[-2:]
     sigma = sigma.to(device=x.device, dtype=x.dtype)
     radius = blur_radius(sigma, max_radius).clamp_(max=min(height, width) - 1)
-    half = int(radius.max())
-    if half < 1:
-        return x.clone()
-    taps = gaussian_taps(sigma, radius, half)
-    return _blur_axis(_blur_axis(x, taps, 3), taps, 2)
+    out = torch.empty_like(x)
+    for half in radius.unique().tolist():
+        group = torch.nonzero(radius == half).squeeze(1)  # (G,) images with this half-width
+        images = x.index_select(0, group)  # (G, C, H, W)
+        taps = gaussian_taps(sigma[group], radius[group], half)  # (G, half + 1)
+        pair = torch.empty_like(images)
+        out.index_copy_(0, group, _blur_axis(_blur_axis(images, taps, 3, pair), taps, 2, pair))
+    return out
 
 
 def effective_sigma(response: torch.Tensor) -> float:
