@@ -184,12 +184,21 @@ def main(argv: list[str]) -> int:
     if device.type == "cpu" and not smoke:
         sys.exit("no CUDA GPU is visible to PyTorch; run with --smoke to exercise this command on a CPU")
     s = SMOKE if smoke else FULL
+    threads = torch.get_num_threads()
     if smoke:  # tiny steps: more threads only spin on a shared CPU
         torch.set_num_threads(1)
     if device.type == "cuda":  # behave like a 16 GiB card
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * 2**30 / total), device)
-    work = Path(tempfile.mkdtemp(prefix="lowmem_moco_gpu_")) if smoke else REPO_ROOT / "data" / "gpu-bench"
+    try:
+        with tempfile.TemporaryDirectory(prefix="lowmem_moco_gpu_") as scratch:  # smoke: removed afterwards
+            return _run(s, device, smoke, out_dir, tarball, argv,
+                        Path(scratch) if smoke else REPO_ROOT / "data" / "gpu-bench")
+    finally:
+        torch.set_num_threads(threads)  # the caller's (the test suite's) setting
+
+
+def _run(s: dict, device: torch.device, smoke: bool, out_dir: Path, tarball: Path, argv: list, work: Path) -> int:
     r = dict(command="python -m benchmarks gpu " + " ".join(argv), environment=environment(device),
              plan_recipe=s["plan_recipe"], plan_overrides=s["plan_overrides"])
     start, r["section_s"] = time.perf_counter(), {}
