@@ -7,7 +7,6 @@ continues exactly where the interrupted one was.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random

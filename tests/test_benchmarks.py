@@ -21,13 +21,7 @@ from lowmem_moco.backbones import build_encoder
 TINY = dict(arch="test_resnet", image_size=32, queue_size=64, key_chunks=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP threads stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny models: threads only wait for each other
 
 
 def test_suite_on_a_tiny_grid_writes_every_report(tmp_path):

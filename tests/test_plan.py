@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from lowmem_moco.auto_batch import plan_micro_batch, rule_micro_batch
 from lowmem_moco.cli import main
@@ -23,13 +22,7 @@ def tiny(*extra: str):
     return load_config(None, TINY + list(extra))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Real CPU steps of a tiny model: several OpenMP threads on a shared CPU only spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny models: threads only wait for each other
 
 
 def test_prediction_agrees_with_real_cpu_tensors_and_the_lean_tracker_with_memtracker():
