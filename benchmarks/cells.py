@@ -1,7 +1,7 @@
 """A grid cell (one configuration) and the training step it measures.
 
 Three kinds of step, on the same random images:
-    lowmem      the project's step: lowmem_moco.step.MoCoStep, set up as lowmem_moco/train.py does
+    lowmem      the project's step: lowmem_moco.engine.step.MoCoStep, set up as lowmem_moco/train.py does
     naive       the blog-post loop of benchmarks/naive.py (fp32 only)
     supervised  timm's plain training step: forward, cross-entropy, backward, SGD step
 """
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from lowmem_moco.backbones import build_encoder, enable_grad_checkpointing
 from lowmem_moco.config import Config
-from lowmem_moco.moco import MoCo
+from lowmem_moco.engine.moco import MoCo
 from lowmem_moco.train import build_optimizer
 
 KINDS = ("lowmem", "naive", "supervised")
@@ -115,7 +115,7 @@ def _prime(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
 def _lowmem(cell: Cell, device: torch.device) -> Workload:
     from accelerate import Accelerator
 
-    from lowmem_moco.step import MoCoStep
+    from lowmem_moco.engine.step import MoCoStep
 
     cfg = DEFAULTS
     encoder = build_encoder(cell.arch, cell.image_size, cell.small_image_stem, cfg.model.dim)

@@ -1,5 +1,5 @@
 """The training step of a config on a real GPU, built as lowmem_moco/train.py builds it, and its
-peak memory: what the planner (lowmem_moco/plan.py) predicts, measured."""
+peak memory: what the planner (lowmem_moco/plan/predict.py) predicts, measured."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from accelerate import Accelerator
 
 from lowmem_moco.backbones import enable_grad_checkpointing, encoder_from_config
-from lowmem_moco.moco import MoCo
-from lowmem_moco.plan import view_dtype
-from lowmem_moco.step import MoCoStep
+from lowmem_moco.engine.moco import MoCo
+from lowmem_moco.plan.predict import view_dtype
+from lowmem_moco.engine.step import MoCoStep
 from lowmem_moco.train import build_optimizer
 
 

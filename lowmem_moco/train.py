@@ -23,14 +23,14 @@ from accelerate.utils import set_seed
 from .backbones import backbone_plan_from_config, encoder_from_config, enable_grad_checkpointing
 from .checkpoint import export_backbone, join_state, load_latest, save_checkpoint, split_state
 from .config import Config, TrainConfig, config_from_dict, flat_config, save_config
-from .augment import eval_transform
-from .data import EvalImages, build_datasets
+from .data.augment import eval_transform
+from .data.datasets import EvalImages, build_datasets
 from .errors import CheckpointError, ConfigError, UserError
-from .evaluate import extract_features, knn_accuracy
-from .moco import MoCo, momentum_at
-from .pipeline import build_pipeline
+from .eval.probes import extract_features, knn_accuracy
+from .engine.moco import MoCo, momentum_at
+from .data.pipeline import build_pipeline
 from .progress import MetricsLog, Progress, trackers
-from .step import MoCoStep
+from .engine.step import MoCoStep
 
 
 # ------------------------------------------------------------------ schedule
@@ -133,7 +133,7 @@ class Trainer:
         self.main = self.acc.is_main_process
         self.auto_micro_batch = None  # how train.micro_batch_size=auto was resolved, if it was
         if cfg.train.micro_batch_size == "auto":
-            from .auto_batch import choose_micro_batch
+            from .plan.auto_batch import choose_micro_batch
             cfg.train.micro_batch_size, self.auto_micro_batch = choose_micro_batch(
                 cfg, self.device, precision, self.acc.num_processes)
         # --- N processes: without a GPU, `accelerate launch --multi_gpu` starts independent runs

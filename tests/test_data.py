@@ -16,11 +16,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from lowmem_moco import data
-from lowmem_moco.augment import eval_transform, mocov2_transform
-from lowmem_moco.blur import RandomGaussianBlur
+from lowmem_moco.data import datasets as data
+from lowmem_moco.data.augment import eval_transform, mocov2_transform
+from lowmem_moco.data.blur import RandomGaussianBlur
 from lowmem_moco.config import DataConfig
-from lowmem_moco.data import EvalImages, SeededShuffle, TwoViews, build_datasets, synthetic_images
+from lowmem_moco.data.datasets import EvalImages, SeededShuffle, TwoViews, build_datasets, synthetic_images
 from lowmem_moco.errors import DataError
 
 
@@ -264,7 +264,7 @@ def test_unreadable_files_are_skipped_counted_and_reported_once(cifar_folder, tm
     base = bad_folder(tmp_path, cifar_folder)
     assert [Path(base.path(i)).name for i in (1, 2)] == ["1.jpg", "2.png"]
     views = TwoViews(base, mocov2_transform(16), on_bad_image="skip")
-    with caplog.at_level(logging.WARNING, logger="lowmem_moco.data"):
+    with caplog.at_level(logging.WARNING, logger="lowmem_moco.data.datasets"):
         q, k, skipped = views[(1, 0)]
         assert skipped == 2 and q.shape == (3, 16, 16)
         assert views[(2, 0)][2] == 1 and views[(0, 0)][2] == 0

@@ -14,7 +14,7 @@ Under N processes (DDP through accelerate) each process gets B/N images: its mic
 sync gradients only on the last one, DDP averages the processes' gradients (each already the
 mean over its share), so the update is the one of the whole-batch mean loss. Keys are
 gathered in rank order and enqueued identically everywhere, and BatchNorm running
-statistics are merged to the values a single process would hold (moco.merge_bn_stats).
+statistics are merged to the values a single process would hold (distributed.merge_bn_stats).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from .keys import encode_batch_keys
-from .moco import MoCo, bn_snapshot, info_nce, merge_bn_stats, restore_bn
+from .distributed import bn_snapshot, merge_bn_stats, restore_bn
+from .moco import MoCo, info_nce
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .moco import bn_snapshot, merge_bn_stats
+from .distributed import bn_snapshot, merge_bn_stats
 
 
 @torch.no_grad()

@@ -33,8 +33,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_a
 from torchvision.datasets.utils import calculate_md5
 
 from .augment import eval_transform
-from .config import DataConfig
-from .errors import DataError
+from ..config import DataConfig
+from ..errors import DataError
 
 log = logging.getLogger(__name__)
 

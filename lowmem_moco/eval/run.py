@@ -21,13 +21,13 @@ from rich.console import Console
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
-from .backbones import Encoder, encoder_from_config
-from .checkpoint import atomic_write_bytes, export_backbone, load_latest
-from .config import Config, config_from_dict, load_config, read_recipe
-from .augment import eval_transform, linear_train_transform
-from .data import DataSplits, EvalImages, build_datasets
-from .errors import UserError
-from .evaluate import extract_features, knn_accuracy, linear_probe, linear_probe_augmented
+from ..backbones import Encoder, encoder_from_config
+from ..checkpoint import atomic_write_bytes, export_backbone, load_latest
+from ..config import Config, config_from_dict, load_config, read_recipe
+from ..data.augment import eval_transform, linear_train_transform
+from ..data.datasets import DataSplits, EvalImages, build_datasets
+from ..errors import UserError
+from .probes import extract_features, knn_accuracy, linear_probe, linear_probe_augmented
 
 
 def load_run(run_dir: str | Path, overrides: list[str] = (), head: bool | None = False

@@ -21,8 +21,8 @@ import torch
 from .augment import mocov2_transform
 from .batched_augment import BatchedMoCoV2
 from .cache import CachedBatches, DecodedCache
-from .config import Config
-from .data import LabelledImages, TwoViews
+from ..config import Config
+from .datasets import LabelledImages, TwoViews
 from .ragged import RaggedImages
 
 
