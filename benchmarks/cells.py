@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lowmem_moco.backbones import build_encoder, enable_grad_checkpointing
 from lowmem_moco.config import Config
 from lowmem_moco.engine.moco import MoCo
-from lowmem_moco.train import build_optimizer
+from lowmem_moco.optim import build_optimizer
 
 KINDS = ("lowmem", "naive", "supervised")
 DEFAULTS = Config()  # hyper-parameters come from the project's defaults, for both MoCo steps

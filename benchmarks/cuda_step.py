@@ -12,7 +12,7 @@ from lowmem_moco.backbones import enable_grad_checkpointing, encoder_from_config
 from lowmem_moco.engine.moco import MoCo
 from lowmem_moco.plan.predict import view_dtype
 from lowmem_moco.engine.step import MoCoStep
-from lowmem_moco.train import build_optimizer
+from lowmem_moco.optim import build_optimizer
 
 
 def cuda_step_peaks(cfg, precision: str, checkpointing: bool, micro_batch: int) -> dict:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lowmem_moco.config import Config, validate
-from lowmem_moco.data.datasets import build_datasets
+from lowmem_moco.data.sources import build_datasets
 from lowmem_moco.data.pipeline import EpochBatches, build_pipeline
 
 

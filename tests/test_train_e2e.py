@@ -114,11 +114,11 @@ def test_folder_data_from_real_jpegs_trains_and_measures_knn(tmp_path, cifar_fol
 
 
 def test_knn_monitor_reads_the_configured_features_and_bank(tmp_path, monkeypatch):
-    import lowmem_moco.train as train_module
+    import lowmem_moco.eval.probes as probes_module
 
     banks = []
-    real = train_module.knn_accuracy
-    monkeypatch.setattr(train_module, "knn_accuracy", lambda bank, *a, **k: banks.append(bank.shape) or real(bank, *a, **k))
+    real = probes_module.knn_accuracy
+    monkeypatch.setattr(probes_module, "knn_accuracy", lambda bank, *a, **k: banks.append(bank.shape) or real(bank, *a, **k))
     trainer = Trainer(load_config(None, [*TINY, f"output_dir={tmp_path}", "eval.knn_features=head",
                                          "eval.knn_max_train=0"]))
     trainer.knn()

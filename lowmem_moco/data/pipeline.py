@@ -22,7 +22,8 @@ from .augment import mocov2_transform
 from .batched_augment import BatchedMoCoV2
 from .cache import CachedBatches, DecodedCache
 from ..config import Config
-from .datasets import LabelledImages, TwoViews
+from .images import LabelledImages
+from .two_views import TwoViews
 from .ragged import RaggedImages
 
 

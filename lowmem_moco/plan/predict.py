@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from .memtrack import peak_by_category, step_tracker
 from ..engine.moco import MoCo
 from ..engine.step import MoCoStep
-from ..train import build_optimizer
+from ..optim import build_optimizer
 
 GiB = 2**30
 DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
