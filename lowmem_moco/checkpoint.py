@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -81,10 +81,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, meta) of one checkpoint file; CheckpointError if it is damaged."""
     path = Path(path)
     try:
-        data = path.read_bytes()
-        tensors = st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["lowmem_moco"])
+        tensors = st_load(path.read_bytes())
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads(f.metadata()["lowmem_moco"])
     except (OSError, SafetensorError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path} is damaged or not a lowmem-moco checkpoint ({err})") from None
     if meta.get("crc32") != _crc(tensors):

@@ -29,6 +29,12 @@ def lr_at(step: int, steps_per_epoch: int, t: TrainConfig) -> float:
         return t.lr * (step + 1) / warmup_steps
     if t.lr_schedule != "cosine":
         epoch = step // steps_per_epoch + (t.lr_schedule == "cosine_epoch_end")
-        return t.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / t.epochs))
+        return cosine_decay(t.lr, epoch / t.epochs)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return t.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cosine_decay(t.lr, progress)
+
+
+def cosine_decay(base: float, fraction: float) -> float:
+    """The one cosine: `base` at fraction 0, half of it at 0.5, zero at 1. The training rate,
+    the linear probe's rate and the momentum schedule (its distance from 1) all follow it."""
+    return base * 0.5 * (1.0 + math.cos(math.pi * fraction))

@@ -1,16 +1,35 @@
 """The MoCo v2 state: query encoder, its momentum copy, the queue of negatives, the loss.
 
 Shapes: N = queries or keys in a batch, C = model.dim, K = moco.queue_size.
+
+Beside the official facebookresearch/moco `moco/builder.py`, the same algorithm is spread
+over the engine so that one step can run in micro-batches and key chunks:
+
+    builder.py                                   lowmem-moco
+    MoCo.__init__: f_q, f_k = copy of f_q,        MoCo.__init__ (head: backbones.py), queue KxC
+      queue normalised along C
+    _momentum_update_key_encoder                 MoCo.momentum_update (step.py calls it first)
+    _batch_shuffle_ddp / _batch_unshuffle_ddp    keys.encode_keys (one device: chunked BatchNorm)
+                                                 keys.encode_batch_keys (several processes)
+    forward: q = normalize(f_q(im_q))            step.MoCoStep, per micro-batch
+             k = normalize(f_k(im_k)), no grad   keys.encode_keys, for all B keys at once
+             l_pos, l_neg, logits / T, labels 0  info_nce (in fp32)
+             _dequeue_and_enqueue(k)             MoCo.enqueue, after the optimizer step
+    concat_all_gather                            accelerator.gather (keys.py, distributed.py)
+
+The queue is kept KxC here (the official code keeps CxK): one key per row, so enqueueing is
+a row write.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..optim import cosine_decay
 
 
 class MoCo(nn.Module):
@@ -41,7 +60,7 @@ class MoCo(nn.Module):
         """FIFO insert of NxC normalised keys, wrapping around the end for any K and N <= K."""
         n, size = keys.shape[0], self.queue.shape[0]
         ptr = int(self.queue_ptr)
-        slots = (ptr + torch.arange(n, device=self.queue.device)) % size
+        slots = (ptr + torch.arange(n, device=self.queue.device)) % size  # N rows of the KxC queue
         self.queue[slots] = keys.to(self.queue.dtype)
         self.queue_ptr.fill_((ptr + n) % size)
 
@@ -50,11 +69,11 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature:
     """Mean InfoNCE of queries q (NxC, not yet normalised) against their keys k (NxC,
     normalised) and the negatives in queue (KxC). Always computed in fp32."""
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q = F.normalize(q.float(), dim=1)
+        q = F.normalize(q.float(), dim=1)  # NxC
         l_pos = (q * k.float()).sum(dim=1, keepdim=True)  # Nx1
         l_neg = q @ queue.float().t()  # NxK
-        logits = torch.cat([l_pos, l_neg], dim=1) / temperature
-        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # the positive is column 0
+        logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # Nx(1+K)
+        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # N; the positive is column 0
         return F.cross_entropy(logits, labels)
 
 
@@ -62,4 +81,4 @@ def momentum_at(step: int, total_steps: int, base: float, schedule: str) -> floa
     """EMA coefficient for this step: constant, or cosine-increased from base to 1 (BYOL)."""
     if schedule == "constant" or total_steps <= 1:
         return base
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * step / total_steps) + 1.0) / 2.0
+    return 1.0 - cosine_decay(1.0 - base, step / total_steps)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..optim import cosine_decay
+
 
 @contextlib.contextmanager
 def eval_mode(module: nn.Module):
@@ -207,7 +209,7 @@ def linear_probe(
             for start in range(0, n, batch_size):
                 idx = order[start:start + batch_size]
                 for group in opt.param_groups:
-                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+                    group["lr"] = cosine_decay(lr, step / total_steps)
                 loss = F.cross_entropy(clf(x_train[idx]), y_train[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
