@@ -27,7 +27,7 @@ from .engine.step import MoCoStep
 from .errors import ConfigError, UserError
 from .eval.probes import knn_monitor
 from .optim import build_optimizer, lr_at
-from .progress import MetricsLog, Progress, trackers
+from .progress import MetricsLog, Progress, peak_memory_mb, trackers
 
 
 # ------------------------------------------------------------------ set-up helpers
@@ -57,17 +57,34 @@ def prepare_output_dir(path: Path) -> None:
                         f"choose another with output_dir=...") from None
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+def build_model(cfg: Config, device) -> MoCo:
+    """f_q (timm backbone + head), its momentum copy f_k and the queue, on `device`: the model
+    that training, the benchmarks and the GPU check all start from."""
+    encoder = encoder_from_config(cfg)
+    if cfg.train.grad_checkpointing:
+        enable_grad_checkpointing(encoder.backbone, cfg.model.arch)
+    moco = MoCo(encoder, cfg.moco.queue_size, cfg.model.dim).to(device)
+    if cfg.train.channels_last:
+        moco.to(memory_format=torch.channels_last)
+    return moco
+
+
+def build_step(cfg: Config, moco: MoCo, accelerator, micro_batch: int | None = None) -> MoCoStep:
+    """The optimizer over f_q, prepared by `accelerator`, and the step that uses it
+    (`step.encoder_q`, `step.optimizer`: the prepared ones)."""
+    encoder_q, optimizer = accelerator.prepare(moco.encoder_q, build_optimizer(moco.encoder_q.parameters(), cfg))
+    return MoCoStep(moco, optimizer, accelerator, micro_batch=micro_batch or cfg.micro_batch,
+                    key_chunks=cfg.moco.key_chunks, temperature=cfg.moco.temperature, symmetric=cfg.moco.symmetric,
+                    encoder_q=encoder_q, guard_bn_stats=cfg.train.grad_checkpointing,
+                    shuffle_across_processes=cfg.moco.shuffle_across_processes)
 
 
 # ------------------------------------------------------------------ the trainer
 
 
 class Trainer:
+    """One run. __init__: build (data, model, step) then resume; fit(): the loop, saving as it goes."""
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
@@ -122,24 +139,13 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
 
-        m = cfg.model
         # Seeded right before the model: its initialisation must not depend on whether the data
         # step above had work to do (a cache build draws random numbers, a cache hit does not).
         set_seed(cfg.train.seed)
-        encoder = encoder_from_config(cfg)
-        if cfg.train.grad_checkpointing:
-            enable_grad_checkpointing(encoder.backbone, m.arch)
-        self.moco = MoCo(encoder, cfg.moco.queue_size, m.dim).to(self.device)
-        if cfg.train.channels_last:
-            self.moco.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(self.moco.encoder_q.parameters(), cfg)
-        self.encoder_q, self.optimizer = self.acc.prepare(self.moco.encoder_q, optimizer)
+        self.moco = build_model(cfg, self.device)
+        self.step_fn = build_step(cfg, self.moco, self.acc)
+        self.encoder_q, self.optimizer = self.step_fn.encoder_q, self.step_fn.optimizer
         self.key_shuffle = torch.Generator().manual_seed(cfg.train.seed + 1)
-        self.step_fn = MoCoStep(self.moco, self.optimizer, self.acc, micro_batch=cfg.micro_batch,
-                                key_chunks=cfg.moco.key_chunks, temperature=cfg.moco.temperature,
-                                symmetric=cfg.moco.symmetric, encoder_q=self.encoder_q,
-                                guard_bn_stats=cfg.train.grad_checkpointing,
-                                shuffle_across_processes=cfg.moco.shuffle_across_processes)
         self.step = 0
         self.counters = {"skipped_steps": 0, "nonfinite_in_a_row": 0, "bad_images": 0,
                          "epoch_loss_sum": 0.0, "epoch_steps": 0}

@@ -170,21 +170,15 @@ def _cifar10_test(cfg: DataConfig, classes: list[str]) -> LabelledImages | None:
 
 def _download(url: str, dest: Path) -> None:
     """Fetch `url` to `dest` with a progress bar; a partial file never takes `dest`'s name."""
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
+    from rich.progress import wrap_file
 
     partial = dest.with_name(dest.name + ".part")
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out, \
-                Progress(*columns) as progress:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
             size = int(response.headers.get("Content-Length") or 0) or None
-            task = progress.add_task(f"downloading {dest.name}", total=size)
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                progress.advance(task, len(chunk))
+            with wrap_file(response, total=size, description=f"downloading {dest.name}") as source:
+                shutil.copyfileobj(source, out, 1 << 20)
     except (OSError, ValueError) as err:  # URLError and timeouts are OSErrors; ValueError: a malformed URL
         partial.unlink(missing_ok=True)
         raise DataError(f"could not download {url} ({err}); check the connection, or download it by hand "
