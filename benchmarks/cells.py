@@ -1,7 +1,7 @@
 """A grid cell (one configuration) and the training step it measures.
 
 Three kinds of step, on the same random images:
-    lowmem      the project's step: lowmem_moco.step.MoCoStep, set up as lowmem_moco/train.py does
+    lowmem      the project's step: lowmem_moco.engine.step.MoCoStep, set up as lowmem_moco/train.py does
     naive       the blog-post loop of benchmarks/naive.py (fp32 only)
     supervised  timm's plain training step: forward, cross-entropy, backward, SGD step
 """
@@ -9,16 +9,16 @@ Three kinds of step, on the same random images:
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from lowmem_moco.backbones import build_encoder, enable_grad_checkpointing
+from lowmem_moco.backbones import build_encoder
 from lowmem_moco.config import Config
-from lowmem_moco.moco import MoCo
-from lowmem_moco.train import build_optimizer
+from lowmem_moco.optim import build_optimizer
 
 KINDS = ("lowmem", "naive", "supervised")
 DEFAULTS = Config()  # hyper-parameters come from the project's defaults, for both MoCo steps
@@ -112,23 +112,28 @@ def _prime(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
     return prime
 
 
+def cell_config(cell: Cell) -> Config:
+    """The project's defaults with this cell's model, sizes and step settings: what the trainer
+    would be given for it (not validated: cells may measure settings a recipe would refuse)."""
+    cfg = copy.deepcopy(DEFAULTS)
+    cfg.model.arch, cfg.model.small_image_stem = cell.arch, cell.small_image_stem
+    cfg.data.image_size, cfg.moco.queue_size, cfg.moco.key_chunks = cell.image_size, cell.queue_size, cell.key_chunks
+    cfg.train.batch_size = cell.batch
+    cfg.train.micro_batch_size = cell.micro_batch
+    cfg.train.grad_checkpointing, cfg.train.channels_last = cell.checkpointing, cell.channels_last
+    return cfg
+
+
 def _lowmem(cell: Cell, device: torch.device) -> Workload:
     from accelerate import Accelerator
 
-    from lowmem_moco.step import MoCoStep
+    from lowmem_moco.train import build_model, build_step
 
-    cfg = DEFAULTS
-    encoder = build_encoder(cell.arch, cell.image_size, cell.small_image_stem, cfg.model.dim)
-    if cell.checkpointing:
-        enable_grad_checkpointing(encoder.backbone, cell.arch)
-    moco = MoCo(encoder, cell.queue_size, cfg.model.dim).to(device)
-    if cell.channels_last:
-        moco.to(memory_format=torch.channels_last)
+    cfg = cell_config(cell)
+    moco = build_model(cfg, device)
     acc = Accelerator(mixed_precision=cell.precision, cpu=device.type == "cpu")
-    encoder_q, optimizer = acc.prepare(moco.encoder_q, build_optimizer(moco.encoder_q.parameters(), DEFAULTS))
-    step_fn = MoCoStep(moco, optimizer, acc, micro_batch=cell.micro_batch, key_chunks=cell.key_chunks,
-                       temperature=cfg.moco.temperature, encoder_q=encoder_q,
-                       guard_bn_stats=cell.checkpointing)
+    step_fn = build_step(cfg, moco, acc)
+    optimizer = step_fn.optimizer
     view_q, view_k = _images(cell, device, cell.batch), _images(cell, device, cell.batch)
     shuffle = torch.Generator().manual_seed(1)
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the real one

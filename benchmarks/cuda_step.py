@@ -1,18 +1,16 @@
 """The training step of a config on a real GPU, built as lowmem_moco/train.py builds it, and its
-peak memory: what the planner (lowmem_moco/plan.py) predicts, measured."""
+peak memory: what the planner (lowmem_moco/plan/predict.py) predicts, measured."""
 
 from __future__ import annotations
 
+import copy
 import gc
 
 import torch
 from accelerate import Accelerator
 
-from lowmem_moco.backbones import enable_grad_checkpointing, encoder_from_config
-from lowmem_moco.moco import MoCo
-from lowmem_moco.plan import view_dtype
-from lowmem_moco.step import MoCoStep
-from lowmem_moco.train import build_optimizer
+from lowmem_moco.plan.predict import view_dtype
+from lowmem_moco.train import build_model, build_step
 
 
 def cuda_step_peaks(cfg, precision: str, checkpointing: bool, micro_batch: int) -> dict:
@@ -22,18 +20,11 @@ def cuda_step_peaks(cfg, precision: str, checkpointing: bool, micro_batch: int) 
     device = torch.device("cuda")
     gc.collect()
     torch.cuda.empty_cache()
-    encoder = encoder_from_config(cfg)
-    if checkpointing:
-        enable_grad_checkpointing(encoder.backbone, cfg.model.arch)
-    moco = MoCo(encoder, cfg.moco.queue_size, cfg.model.dim).to(device)
+    cfg = copy.deepcopy(cfg)
+    cfg.train.grad_checkpointing = checkpointing
+    moco = build_model(cfg, device)
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    if cfg.train.channels_last:
-        moco.to(memory_format=fmt)
-    acc = Accelerator(mixed_precision=precision)
-    encoder_q, optimizer = acc.prepare(moco.encoder_q, build_optimizer(moco.encoder_q.parameters(), cfg))
-    step = MoCoStep(moco, optimizer, acc, micro_batch=micro_batch, key_chunks=cfg.moco.key_chunks,
-                    temperature=cfg.moco.temperature, symmetric=cfg.moco.symmetric, encoder_q=encoder_q,
-                    guard_bn_stats=checkpointing)
+    step = build_step(cfg, moco, Accelerator(mixed_precision=precision), micro_batch)
     b, s = cfg.train.batch_size, cfg.data.image_size
     views = [torch.randn(b, 3, s, s, device=device).to(view_dtype(cfg, precision)).contiguous(memory_format=fmt)
              for _ in range(2)]
@@ -48,6 +39,6 @@ def cuda_step_peaks(cfg, precision: str, checkpointing: bool, micro_batch: int) 
         return dict(allocated=torch.cuda.max_memory_allocated(), reserved=torch.cuda.max_memory_reserved(),
                     outside_allocator=total - free - torch.cuda.memory_reserved())
     finally:
-        del step, optimizer, encoder_q, moco, views
+        del step, moco, views
         gc.collect()
         torch.cuda.empty_cache()

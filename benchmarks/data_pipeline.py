@@ -32,10 +32,11 @@ from typing import Optional
 import torch
 from PIL import Image
 
-from lowmem_moco.augment import mocov2_transform
-from lowmem_moco.batched_augment import BatchedMoCoV2
-from lowmem_moco.cache import DecodedCache
-from lowmem_moco.data import FileImages, TwoViews
+from lowmem_moco.data.augment import mocov2_transform
+from lowmem_moco.data.batched_augment import BatchedMoCoV2
+from lowmem_moco.data.cache import DecodedCache
+from lowmem_moco.data.images import FileImages
+from lowmem_moco.data.two_views import TwoViews
 
 TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 WORK_DIR = Path(tempfile.gettempdir()) / "lowmem_moco_bench"

@@ -1,7 +1,7 @@
 """Fit finder: the largest micro-batch, and the fastest configuration, under a memory budget.
 
 For each candidate configuration (checkpointing off/on; on a GPU also channels_last off/on)
-the planner (lowmem_moco/plan.py) predicts the step's peak for the micro-batches that divide
+the planner (lowmem_moco/plan/predict.py) predicts the step's peak for the micro-batches that divide
 the effective batch and keeps the largest that fits budget x (1 - margin); that one is then
 measured (peak and throughput, in a fresh process, the GPU capped at the budget) and the
 fastest that really fits is printed as recipe overrides. One search, the planner's: this
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from lowmem_moco.config import load_config
-from lowmem_moco.plan_search import Planner, largest_fitting, micro_batch_candidates  # noqa: F401 (re-export)
+from lowmem_moco.plan.search import Planner, largest_fitting, micro_batch_candidates  # noqa: F401 (re-export)
 
 from .cells import Cell
 from .measure import run_cell

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from lowmem_moco.config import load_config
-from lowmem_moco.plan import CUDA_MARGIN, PlannedStep
+from lowmem_moco.plan.predict import CUDA_MARGIN, PlannedStep
 
 from .cells import Cell
 from .data_pipeline import cifar_subset, measure_pipeline
@@ -162,7 +162,7 @@ def markdown(r: dict) -> str:
     if m:
         lines += ["", f"What the margin must cover (measured): reserved / predicted up to {m['reserved_over_planned']:.3f}, "
                       f"memory outside PyTorch's allocator up to {m['outside_allocator_gib']:.2f} GiB; "
-                      f"lowmem_moco/plan.py's CUDA_MARGIN is {m['provisional']}"]
+                      f"lowmem_moco/plan/predict.py's CUDA_MARGIN is {m['provisional']}"]
     sp = r["speed"]
     if sp.get("moco_over_supervised"):
         lines += ["", f"MoCo step vs timm's supervised step ({sp['cell']}): {sp['moco']['images_per_s']:.1f} vs "

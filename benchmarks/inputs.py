@@ -1,7 +1,7 @@
 """Images per second that the training input alone delivers (two views per image).
 
 Set beside a step's images/s, it tells whether data or compute limits training. It times the
-trainer's own input, `lowmem_moco.pipeline.build_pipeline`, once per `data.augment` mode:
+trainer's own input, `lowmem_moco.data.pipeline.build_pipeline`, once per `data.augment` mode:
 
     per_image  PIL images augmented one by one in DataLoader workers
     batched    a decoded uint8 cache, each batch augmented in one pass on the device
@@ -19,8 +19,8 @@ import time
 import torch
 
 from lowmem_moco.config import Config, validate
-from lowmem_moco.data import build_datasets
-from lowmem_moco.pipeline import build_pipeline
+from lowmem_moco.data.sources import build_datasets
+from lowmem_moco.data.pipeline import build_pipeline
 
 from .data_pipeline import images_per_second
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_moco.memtrack import peak_by_category, step_tracker
+from lowmem_moco.plan.memtrack import peak_by_category, step_tracker
 
 from .cells import Cell, build
 
@@ -54,7 +54,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _tracked_step(work, device: torch.device) -> tuple[float, dict]:
-    """One step under MemTracker (lowmem_moco.memtrack): (loss, peak MB by category, with 'total')."""
+    """One step under MemTracker (lowmem_moco.plan.memtrack): (loss, peak MB by category, with 'total')."""
     tracker = step_tracker()
     tracker.track_external(*work.modules, work.optimizer, *work.inputs)
     with tracker:

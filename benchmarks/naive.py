@@ -1,6 +1,6 @@
 """The naive single-GPU MoCo v2 step, as a user writes it from the blog posts.
 
-It is the baseline the suite compares the project's step (lowmem_moco/step.py) with, so it
+It is the baseline the suite compares the project's step (lowmem_moco/engine/step.py) with, so it
 keeps every habit that costs memory or speed and nothing else:
 
 - fp32 throughout, no checkpointing;

@@ -3,7 +3,7 @@ peak for the same step on real CPU tensors, over a grid; every cell should agree
 
 Grid: resnet18, resnet50, convnext_atto (two image sizes) and vit_tiny_patch16_224 (224 px);
 two micro-batches; checkpointing off and on; precision no and bf16 (CPU autocast). Both sides
-run lowmem_moco.plan.PlannedStep: the same modules, micro-batches, key chunks, queue,
+run lowmem_moco.plan.predict.PlannedStep: the same modules, micro-batches, key chunks, queue,
 optimizer state and input views, once on fake tensors and once on real ones.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lowmem_moco.config import load_config
-from lowmem_moco.plan import PlannedStep
+from lowmem_moco.plan.predict import PlannedStep
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Sizes and batches where activations, not the weights, make the peak.

@@ -28,11 +28,12 @@ from accelerate.utils import set_seed
 
 from lowmem_moco.backbones import encoder_from_config
 from lowmem_moco.config import Config
-from lowmem_moco.data import DataSplits, build_datasets
-from lowmem_moco.moco import momentum_at
-from lowmem_moco.pipeline import build_pipeline
-from lowmem_moco.probe import load_run, probe
-from lowmem_moco.train import build_optimizer, lr_at
+from lowmem_moco.data.images import DataSplits
+from lowmem_moco.data.sources import build_datasets
+from lowmem_moco.engine.moco import momentum_at
+from lowmem_moco.data.pipeline import build_pipeline
+from lowmem_moco.eval.run import load_run, probe
+from lowmem_moco.optim import build_optimizer, lr_at
 
 from .naive import NaiveMoCo
 

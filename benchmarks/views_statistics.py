@@ -27,11 +27,11 @@ from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from lowmem_moco.blur import effective_sigma, gaussian_blur
-from lowmem_moco.cache import fit_shorter_side, shorter_side
-from lowmem_moco.crops import CROP_DRAWS, crop_boxes, resized_crops
-from lowmem_moco.ragged import RaggedImages
-from lowmem_moco.sample_rng import uniforms
+from lowmem_moco.data.blur import effective_sigma, gaussian_blur
+from lowmem_moco.data.cache import fit_shorter_side, shorter_side
+from lowmem_moco.data.crops import CROP_DRAWS, crop_boxes, resized_crops
+from lowmem_moco.data.ragged import RaggedImages
+from lowmem_moco.data.sample_rng import uniforms
 
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
 RESULTS = Path(__file__).resolve().parent / "results" / "views-statistics.md"

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import warnings
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .backbones import backbone_plan_from_config
+from .config import Config, config_from_dict
 from .errors import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -77,10 +81,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, meta) of one checkpoint file; CheckpointError if it is damaged."""
     path = Path(path)
     try:
-        data = path.read_bytes()
-        tensors = st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["lowmem_moco"])
+        tensors = st_load(path.read_bytes())
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads(f.metadata()["lowmem_moco"])
     except (OSError, SafetensorError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path} is damaged or not a lowmem-moco checkpoint ({err})") from None
     if meta.get("crc32") != _crc(tensors):
@@ -137,6 +140,78 @@ def join_state(tensors: dict[str, torch.Tensor], skeleton):
     return skeleton
 
 
+# ------------------------------------------------------------- a training run's state
+
+
+def check_compatible(saved: Config, cfg: Config, path: Path) -> None:
+    """A checkpoint resumes only into the same model; other changes are allowed.
+
+    The backbone is compared by the arguments timm builds it with, not by the keys that led
+    there: model.resnet_init only changes the initial weights, which a resumed run replaces.
+    """
+    fields = ["model.arch", "model.small_image_stem", "model.dim", "model.head", "model.head_hidden_dim",
+              "moco.queue_size"]
+    for name in fields:
+        section, key = name.split(".")
+        old, new = getattr(getattr(saved, section), key), getattr(getattr(cfg, section), key)
+        if old != new:
+            raise CheckpointError(f"{path} was trained with {name}={old!r} but the config says {new!r}; "
+                                  f"use the same {name} to resume, or a new output_dir to start afresh")
+    # Other keys can build the same backbone (an old run's timm_kwargs.zero_init_last: false is today's
+    # resnet_init: torchvision), and the same keys another one (a ViT sized by data.image_size).
+    old, new = backbone_plan_from_config(saved).timm_kwargs, backbone_plan_from_config(cfg).timm_kwargs
+    if old != new:
+        raise CheckpointError(f"{path} holds a {cfg.model.arch} built with {old} but this config builds it with "
+                              f"{new}; resume with the run's data.image_size and model settings, or a new output_dir")
+
+
+def training_state(moco, optimizer, key_shuffle: torch.Generator, scaler, cfg, step: int, processes: int,
+                   counters: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Everything a run needs to continue exactly: (tensors, JSON-able meta) for save_checkpoint."""
+    tensors = {f"model.{k}": v for k, v in moco.state_dict().items()}
+    opt_tensors, opt_rest = split_state(optimizer.state_dict(), "optimizer")
+    tensors.update(opt_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.key_shuffle"] = key_shuffle.get_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    np_state = np.random.get_state()
+    meta = {
+        "step": step, "config": cfg.to_dict(), "optimizer": opt_rest,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "processes": processes,
+        "counters": counters, "rng_python": list(random.getstate()[1]),
+        "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    return tensors, meta
+
+
+def restore_training_state(tensors: dict[str, torch.Tensor], meta: dict, path: Path, cfg, moco, optimizer,
+                           key_shuffle: torch.Generator, scaler) -> None:
+    """Inverse of training_state, after checking that `cfg` may resume the run saved in `path`."""
+    check_compatible(config_from_dict(meta["config"]), cfg, path)
+    saved_batch = meta["config"]["train"]["batch_size"]
+    if saved_batch != cfg.train.batch_size:
+        raise CheckpointError(f"{path} was trained with train.batch_size={saved_batch}; resuming with "
+                              f"{cfg.train.batch_size} would change the data order and schedule. "
+                              f"Use train.batch_size={saved_batch} (the micro-batch and the number of "
+                              f"processes may change)")
+    moco.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    optimizer.load_state_dict(join_state(tensors, meta["optimizer"]))
+    if meta["scaler"] is not None and scaler is not None:
+        scaler.load_state_dict(meta["scaler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    key_shuffle.set_state(tensors["rng.key_shuffle"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    random.setstate((3, tuple(meta["rng_python"]), None))
+    n = meta["rng_numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+
+
 # ------------------------------------------------------------- exported backbone
 
 
@@ -149,8 +224,6 @@ def export_backbone(backbone: torch.nn.Module, path: str | Path, cfg, step: int)
     rebuild_small_image_stem is true (a small-image ResNet) use
     lowmem_moco.backbones.load_exported_backbone(path) instead (see README).
     """
-    from .backbones import backbone_plan_from_config
-
     path = Path(path)
     plan = backbone_plan_from_config(cfg)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}

@@ -60,7 +60,7 @@ def _train(args) -> None:
 
 
 def _eval(args) -> None:
-    from .probe import evaluate_run
+    from .eval.run import evaluate_run
 
     evaluate_run(args.run_dir, args.mode, args.overrides, linear_epochs=args.epochs, protocol=args.protocol,
                  head=True if args.head else None)
@@ -79,19 +79,19 @@ def _config(args) -> None:
 
 def _views(args) -> None:
     from .config import load_config
-    from .view_grid import save_views
+    from .data.view_grid import save_views
 
     print(f"wrote {save_views(load_config(args.recipe, args.overrides), args.n, args.out, args.tensor)}")
 
 
 def _export(args) -> None:
-    from .probe import export_run
+    from .eval.run import export_run
 
     print(f"wrote {export_run(args.run_dir, args.out)}")
 
 
 def _plan(args) -> None:
-    from .plan_report import main as plan_main
+    from .plan.report import main as plan_main
 
     plan_main(args.recipe, args.overrides, args.gpu, args.budget_gb, args.json)
 

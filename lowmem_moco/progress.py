@@ -36,6 +36,15 @@ def _fmt(fields: dict) -> str:
     return " | ".join(parts)
 
 
+def peak_memory_mb(device) -> float:
+    """The metrics' peak_mem_mb: the allocator's peak on a GPU, the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        import torch
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
 class Progress:
     def __init__(self, total_steps: int, enabled: bool = True, console: Console | None = None):
         self.console = console or Console(highlight=False, soft_wrap=True)

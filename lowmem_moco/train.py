@@ -7,50 +7,27 @@ continues exactly where the interrupted one was.
 
 from __future__ import annotations
 
-import math
 import os
-import random
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 
-from .backbones import backbone_plan_from_config, encoder_from_config, enable_grad_checkpointing
-from .checkpoint import export_backbone, join_state, load_latest, save_checkpoint, split_state
-from .config import Config, TrainConfig, config_from_dict, flat_config, save_config
-from .augment import eval_transform
-from .data import EvalImages, build_datasets
-from .errors import CheckpointError, ConfigError, UserError
-from .evaluate import extract_features, knn_accuracy
-from .moco import MoCo, momentum_at
-from .pipeline import build_pipeline
-from .progress import MetricsLog, Progress, trackers
-from .step import MoCoStep
-
-
-# ------------------------------------------------------------------ schedule
-
-
-def lr_at(step: int, steps_per_epoch: int, t: TrainConfig) -> float:
-    """Learning rate of optimizer step `step`: linear warm-up, then cosine decay to zero.
-
-    `cosine` decays every step. The official code sets the rate once per epoch, to
-    lr * (1 + cos(pi * e / E)) / 2 for epoch e of E: main_moco.py counts e from 0
-    (`cosine_epoch_start`), the CIFAR-10 notebook from 1 (`cosine_epoch_end`).
-    """
-    total_steps, warmup_steps = steps_per_epoch * t.epochs, round(t.warmup_epochs * steps_per_epoch)
-    if step < warmup_steps:
-        return t.lr * (step + 1) / warmup_steps
-    if t.lr_schedule != "cosine":
-        epoch = step // steps_per_epoch + (t.lr_schedule == "cosine_epoch_end")
-        return t.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / t.epochs))
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return t.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+from .backbones import backbone_plan_from_config, enable_grad_checkpointing, encoder_from_config
+from .checkpoint import export_backbone, load_latest, restore_training_state, save_checkpoint, training_state
+from .config import Config, flat_config, save_config
+from .data.pipeline import build_pipeline
+from .data.sources import build_datasets
+from .engine.moco import MoCo, momentum_at
+from .engine.step import MoCoStep
+from .errors import ConfigError, UserError
+from .eval.probes import knn_monitor
+from .optim import build_optimizer, lr_at
+from .progress import MetricsLog, Progress, peak_memory_mb, trackers
 
 
 # ------------------------------------------------------------------ set-up helpers
@@ -80,46 +57,34 @@ def prepare_output_dir(path: Path) -> None:
                         f"choose another with output_dir=...") from None
 
 
-def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
-    t = cfg.train
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+def build_model(cfg: Config, device) -> MoCo:
+    """f_q (timm backbone + head), its momentum copy f_k and the queue, on `device`: the model
+    that training, the benchmarks and the GPU check all start from."""
+    encoder = encoder_from_config(cfg)
+    if cfg.train.grad_checkpointing:
+        enable_grad_checkpointing(encoder.backbone, cfg.model.arch)
+    moco = MoCo(encoder, cfg.moco.queue_size, cfg.model.dim).to(device)
+    if cfg.train.channels_last:
+        moco.to(memory_format=torch.channels_last)
+    return moco
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
-def check_compatible(saved: Config, cfg: Config, path: Path) -> None:
-    """A checkpoint resumes only into the same model; other changes are allowed.
-
-    The backbone is compared by the arguments timm builds it with, not by the keys that led
-    there: model.resnet_init only changes the initial weights, which a resumed run replaces.
-    """
-    fields = ["model.arch", "model.small_image_stem", "model.dim", "model.head", "model.head_hidden_dim",
-              "moco.queue_size"]
-    for name in fields:
-        section, key = name.split(".")
-        old, new = getattr(getattr(saved, section), key), getattr(getattr(cfg, section), key)
-        if old != new:
-            raise CheckpointError(f"{path} was trained with {name}={old!r} but the config says {new!r}; "
-                                  f"use the same {name} to resume, or a new output_dir to start afresh")
-    # Other keys can build the same backbone (an old run's timm_kwargs.zero_init_last: false is today's
-    # resnet_init: torchvision), and the same keys another one (a ViT sized by data.image_size).
-    old, new = backbone_plan_from_config(saved).timm_kwargs, backbone_plan_from_config(cfg).timm_kwargs
-    if old != new:
-        raise CheckpointError(f"{path} holds a {cfg.model.arch} built with {old} but this config builds it with "
-                              f"{new}; resume with the run's data.image_size and model settings, or a new output_dir")
+def build_step(cfg: Config, moco: MoCo, accelerator, micro_batch: int | None = None) -> MoCoStep:
+    """The optimizer over f_q, prepared by `accelerator`, and the step that uses it
+    (`step.encoder_q`, `step.optimizer`: the prepared ones)."""
+    encoder_q, optimizer = accelerator.prepare(moco.encoder_q, build_optimizer(moco.encoder_q.parameters(), cfg))
+    return MoCoStep(moco, optimizer, accelerator, micro_batch=micro_batch or cfg.micro_batch,
+                    key_chunks=cfg.moco.key_chunks, temperature=cfg.moco.temperature, symmetric=cfg.moco.symmetric,
+                    encoder_q=encoder_q, guard_bn_stats=cfg.train.grad_checkpointing,
+                    shuffle_across_processes=cfg.moco.shuffle_across_processes)
 
 
 # ------------------------------------------------------------------ the trainer
 
 
 class Trainer:
+    """One run. __init__: build (data, model, step) then resume; fit(): the loop, saving as it goes."""
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
@@ -133,7 +98,7 @@ class Trainer:
         self.main = self.acc.is_main_process
         self.auto_micro_batch = None  # how train.micro_batch_size=auto was resolved, if it was
         if cfg.train.micro_batch_size == "auto":
-            from .auto_batch import choose_micro_batch
+            from .plan.auto_batch import choose_micro_batch
             cfg.train.micro_batch_size, self.auto_micro_batch = choose_micro_batch(
                 cfg, self.device, precision, self.acc.num_processes)
         # --- N processes: without a GPU, `accelerate launch --multi_gpu` starts independent runs
@@ -174,24 +139,13 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
 
-        m = cfg.model
         # Seeded right before the model: its initialisation must not depend on whether the data
         # step above had work to do (a cache build draws random numbers, a cache hit does not).
         set_seed(cfg.train.seed)
-        encoder = encoder_from_config(cfg)
-        if cfg.train.grad_checkpointing:
-            enable_grad_checkpointing(encoder.backbone, m.arch)
-        self.moco = MoCo(encoder, cfg.moco.queue_size, m.dim).to(self.device)
-        if cfg.train.channels_last:
-            self.moco.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(self.moco.encoder_q.parameters(), cfg)
-        self.encoder_q, self.optimizer = self.acc.prepare(self.moco.encoder_q, optimizer)
+        self.moco = build_model(cfg, self.device)
+        self.step_fn = build_step(cfg, self.moco, self.acc)
+        self.encoder_q, self.optimizer = self.step_fn.encoder_q, self.step_fn.optimizer
         self.key_shuffle = torch.Generator().manual_seed(cfg.train.seed + 1)
-        self.step_fn = MoCoStep(self.moco, self.optimizer, self.acc, micro_batch=cfg.micro_batch,
-                                key_chunks=cfg.moco.key_chunks, temperature=cfg.moco.temperature,
-                                symmetric=cfg.moco.symmetric, encoder_q=self.encoder_q,
-                                guard_bn_stats=cfg.train.grad_checkpointing,
-                                shuffle_across_processes=cfg.moco.shuffle_across_processes)
         self.step = 0
         self.counters = {"skipped_steps": 0, "nonfinite_in_a_row": 0, "bad_images": 0,
                          "epoch_loss_sum": 0.0, "epoch_steps": 0}
@@ -200,95 +154,33 @@ class Trainer:
             save_config(cfg, self.out / "config.yaml")
         self.acc.init_trackers(self.out.name, config=flat_config(cfg))
 
-    # -------------------------------------------------------------- state
-
-    def _state(self) -> tuple[dict, dict]:
-        tensors = {f"model.{k}": v for k, v in self.moco.state_dict().items()}
-        opt_tensors, opt_rest = split_state(self.optimizer.state_dict(), "optimizer")
-        tensors.update(opt_tensors)
-        tensors["rng.torch"] = torch.get_rng_state()
-        tensors["rng.key_shuffle"] = self.key_shuffle.get_state()
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{i}"] = s
-        np_state = np.random.get_state()
-        scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
-        meta = {
-            "step": self.step, "config": self.cfg.to_dict(), "optimizer": opt_rest, "scaler": scaler,
-            "processes": self.acc.num_processes,
-            "counters": self.counters, "rng_python": list(random.getstate()[1]),
-            "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        }
-        return tensors, meta
+    # -------------------------------------------------------------- resume and save
 
     def _resume(self) -> Path | None:
         found = load_latest(self.out)
         if found is None:
             return None
         tensors, meta, path = found
-        check_compatible(config_from_dict(meta["config"]), self.cfg, path)
-        saved_batch = meta["config"]["train"]["batch_size"]
-        if saved_batch != self.cfg.train.batch_size:
-            raise CheckpointError(f"{path} was trained with train.batch_size={saved_batch}; resuming with "
-                                  f"{self.cfg.train.batch_size} would change the data order and schedule. "
-                                  f"Use train.batch_size={saved_batch} (the micro-batch and the number of "
-                                  f"processes may change)")
+        restore_training_state(tensors, meta, path, self.cfg, self.moco, self.optimizer, self.key_shuffle,
+                               self.acc.scaler)
         # --- N processes: the effective batch matched, so another number of processes is fine
         if meta.get("processes", 1) != self.acc.num_processes:
             self.resumed_processes = meta.get("processes", 1)
-        model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        self.moco.load_state_dict(model)
-        self.optimizer.load_state_dict(join_state(tensors, meta["optimizer"]))
-        if meta["scaler"] is not None and self.acc.scaler is not None:
-            self.acc.scaler.load_state_dict(meta["scaler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        self.key_shuffle.set_state(tensors["rng.key_shuffle"])
-        if torch.cuda.is_available():
-            states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-            if len(states) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(states)
-        random.setstate((3, tuple(meta["rng_python"]), None))
-        n = meta["rng_numpy"]
-        np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
-        self.step = meta["step"]
-        self.counters = meta["counters"]
+        self.step, self.counters = meta["step"], meta["counters"]
         return path
 
     def save(self) -> None:
         if self.main:
-            tensors, meta = self._state()
+            tensors, meta = training_state(self.moco, self.optimizer, self.key_shuffle, self.acc.scaler,
+                                           self.cfg, self.step, self.acc.num_processes, self.counters)
             save_checkpoint(self.out, self.step, tensors, meta, keep=self.cfg.train.keep_checkpoints)
         self.acc.wait_for_everyone()
 
     # -------------------------------------------------------------- evaluation
 
     def knn(self) -> float:
-        """Weighted kNN top-1 of the held-out images against a bank of training images (eval views).
-
-        eval.knn_features picks the backbone's pooled features or the head's output (the official
-        CIFAR-10 notebook's monitor); eval.knn_max_train caps the bank (0: every training image).
-        """
-        cfg = self.cfg
-        train = self.data.train
-        bank_size = min(len(train), cfg.eval.knn_max_train or len(train))
-        if bank_size < len(train):  # a fixed random subset: the same bank at every evaluation
-            train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:bank_size].tolist())
-        encoder = self.moco.encoder_q
-        model = encoder if cfg.eval.knn_features == "head" else encoder.backbone
-        (bank, bank_y), (val, val_y) = [
-            extract_features(model, self._eval_loader(images), self.device, autocast=self.acc.autocast,
-                             channels_last=cfg.train.channels_last) for images in (train, self.data.val)]
-        bank, bank_y, val = bank.to(self.device), bank_y.to(self.device), val.to(self.device)
-        return knn_accuracy(bank, bank_y, val, val_y.to(self.device), len(self.data.classes),
-                            k=cfg.eval.knn_k, t=cfg.eval.knn_t)["top1"]
-
-    def _eval_loader(self, images):
-        cfg = self.cfg
-        view = eval_transform(cfg.data.image_size, cfg.augment.mean, cfg.augment.std)
-        return torch.utils.data.DataLoader(EvalImages(images, cfg.data.image_size, cfg.data.on_bad_image, view),
-                                           batch_size=max(64, self.cfg.micro_batch),
-                                           num_workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda",
-                                           generator=torch.Generator())  # leaves the global RNG alone
+        """The kNN monitor's top-1 (%) of the held-out images, now (eval/probes.py: knn_monitor)."""
+        return knn_monitor(self.moco.encoder_q, self.data, self.cfg, self.device, self.acc.autocast)
 
     # -------------------------------------------------------------- the loop
 

@@ -1,4 +1,5 @@
-"""Shared test fixtures: a small real image folder cut from the CIFAR-10 JPEG tarball."""
+"""Shared test fixtures and helpers: a small real image folder cut from the CIFAR-10 JPEG tarball,
+image folders drawn on the spot, the synthetic set."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from lowmem_moco.config import DataConfig
+from lowmem_moco.data.sources import build_datasets
 
 CIFAR_TARBALL = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-train-jpeg.tar.gz"
 IMAGES_PER_CLASS = 40
@@ -40,3 +45,26 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def save_image(path: Path, size=(8, 8), colour=(200, 30, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def make_folder(root: Path, counts: dict[str, int]) -> Path:
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            save_image(root / name / f"{i}.png", colour=(10 * i % 255, 50, 100))
+    return root
+
+
+def folder_cfg(root: Path, **kw) -> DataConfig:
+    return DataConfig(source="folder", root=str(root), **kw)
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return build_datasets(DataConfig(source="synthetic", synthetic_size=200, synthetic_classes=10))

@@ -16,9 +16,9 @@ from accelerate import Accelerator
 
 from lowmem_moco.backbones import encoder_from_config, output_width
 from lowmem_moco.config import load_config
-from lowmem_moco.moco import MoCo
-from lowmem_moco.step import MoCoStep
-from lowmem_moco.train import build_optimizer
+from lowmem_moco.engine.moco import MoCo
+from lowmem_moco.engine.step import MoCoStep
+from lowmem_moco.optim import build_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))

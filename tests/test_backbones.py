@@ -15,8 +15,8 @@ from lowmem_moco.backbones import (build_encoder, build_head, create_backbone, e
 from lowmem_moco.checkpoint import export_backbone
 from lowmem_moco.config import load_config, save_config
 from lowmem_moco.errors import CheckpointError, ConfigError
-from lowmem_moco.probe import load_run
-from lowmem_moco.train import check_compatible
+from lowmem_moco.eval.run import load_run
+from lowmem_moco.checkpoint import check_compatible
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 FAMILIES = ["resnet18", "resnet50", "convnext_atto", "efficientnet_b0", "regnetx_002", "mobilenetv3_small_050",

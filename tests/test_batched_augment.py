@@ -10,11 +10,11 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from lowmem_moco.batched_augment import BatchedMoCoV2, ViewParams
-from lowmem_moco.blur import gaussian_blur
-from lowmem_moco.colour import BRIGHTNESS, CONTRAST, HUE, SATURATION, shift_hue
+from lowmem_moco.data.batched_augment import BatchedMoCoV2, ViewParams
+from lowmem_moco.data.blur import gaussian_blur
+from lowmem_moco.data.colour import BRIGHTNESS, CONTRAST, HUE, SATURATION, shift_hue
 from lowmem_moco.config import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
-from lowmem_moco.ragged import RaggedImages
+from lowmem_moco.data.ragged import RaggedImages
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lowmem_moco import cache as cache_module
-from lowmem_moco.cache import CachedBatches, DecodedCache, fit_shorter_side, shorter_side
-from lowmem_moco.data import ArrayImages, FileImages
+from lowmem_moco.data import cache as cache_module
+from lowmem_moco.data.cache import CachedBatches, DecodedCache, fit_shorter_side, shorter_side
+from lowmem_moco.data.images import ArrayImages, FileImages
 from lowmem_moco.errors import DataError
 
 
@@ -170,7 +170,7 @@ def test_batches_for_the_trainer_keys(tmp_path):
 
 def test_real_jpegs_to_two_views(cifar_folder, tmp_path):
     """CIFAR-10 JPEGs -> cache at native 32 px -> a batch of MoCo v2 views."""
-    from lowmem_moco.batched_augment import BatchedMoCoV2
+    from lowmem_moco.data.batched_augment import BatchedMoCoV2
 
     images = folder(cifar_folder)
     cache = DecodedCache.open_or_build(images, tmp_path / "cache", 32, progress=False)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowmem_moco.evaluate import (
+from lowmem_moco.eval.probes import (
     extract_features,
     knn_accuracy,
     knn_predict,

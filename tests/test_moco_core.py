@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from lowmem_moco.backbones import build_encoder, enable_grad_checkpointing
-from lowmem_moco.keys import encode_keys
-from lowmem_moco.moco import MoCo, info_nce, momentum_at
-from lowmem_moco.step import MoCoStep
+from lowmem_moco.engine.keys import encode_keys
+from lowmem_moco.engine.moco import MoCo, info_nce, momentum_at
+from lowmem_moco.engine.step import MoCoStep
 
 
 def tiny_encoder(arch="test_resnet", dim=16):

@@ -89,7 +89,7 @@ def worker(out: Path) -> None:
 
 @pytest.mark.parametrize("momentum", [0.1, None])  # exponential, cumulative average
 def test_merged_running_stats_equal_one_process_running_every_batch_in_turn(momentum):
-    from lowmem_moco.moco import bn_snapshot, merge_bn_stats
+    from lowmem_moco.engine.distributed import bn_snapshot, merge_bn_stats
 
     torch.manual_seed(0)
     bn = torch.nn.BatchNorm2d(3, momentum=momentum)
@@ -138,7 +138,7 @@ def single_process(out: Path, shuffle: bool, key_chunks: int, *extra: str) -> tu
 def keys_in_two_halves(encoder_k, images, num_chunks, generator, accelerator, shuffle_across_processes=False):
     """What 2 processes without the cross-process shuffle compute, in one process: each half of
     the batch shuffled by the same generator state and encoded in num_chunks chunks, in rank order."""
-    from lowmem_moco.keys import encode_keys
+    from lowmem_moco.engine.keys import encode_keys
 
     start, keys = generator.get_state(), []
     for half in images.chunk(2):
@@ -190,7 +190,7 @@ def test_two_processes_equal_each_other_and_the_single_process_trainer(tmp_path,
             ref, _ = single_process(tmp_path / "single-on", True, 4)
         else:
             with monkeypatch.context() as m:
-                m.setattr("lowmem_moco.step.encode_batch_keys", keys_in_two_halves)
+                m.setattr("lowmem_moco.engine.step.encode_batch_keys", keys_in_two_halves)
                 ref, _ = single_process(tmp_path / "single-off", False, 2)
         assert_close(ranks[0], ref, f"shuffle={shuffle}")
 

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from lowmem_moco.auto_batch import plan_micro_batch, rule_micro_batch
+from lowmem_moco.plan.auto_batch import plan_micro_batch, rule_micro_batch
 from lowmem_moco.cli import main
 from lowmem_moco.config import load_config
 from lowmem_moco.errors import ConfigError
-from lowmem_moco.plan import GiB, PlannedStep, gpu, usable_bytes
-from lowmem_moco.plan_search import Planner, micro_batch_candidates, relative_speed, search
+from lowmem_moco.plan.predict import GiB, PlannedStep, gpu, usable_bytes
+from lowmem_moco.plan.search import Planner, micro_batch_candidates, relative_speed, search
 
 TINY = ["model.arch=resnet18", "model.small_image_stem=true", "model.timm_kwargs.channels=[8,16,32,64]",
         "data.image_size=32", "train.batch_size=16", "moco.queue_size=512", "moco.key_chunks=2",

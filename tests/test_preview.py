@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lowmem_moco.config import Config, validate
-from lowmem_moco.data import build_datasets
-from lowmem_moco.pipeline import EpochBatches, build_pipeline
+from lowmem_moco.data.sources import build_datasets
+from lowmem_moco.data.pipeline import EpochBatches, build_pipeline
 
 
 def pipeline_for(mode, tmp_path, **augment):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from lowmem_moco.config import Config, get_key, load_config
-from lowmem_moco.train import lr_at
+from lowmem_moco.optim import lr_at
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

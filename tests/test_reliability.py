@@ -15,7 +15,7 @@ from lowmem_moco.checkpoint import list_checkpoints, load_latest, read_checkpoin
 from lowmem_moco.cli import main
 from lowmem_moco.config import load_config
 from lowmem_moco.errors import CheckpointError, UserError
-from lowmem_moco.step import MoCoStep, StepResult
+from lowmem_moco.engine.step import MoCoStep, StepResult
 from lowmem_moco.train import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,7 +162,7 @@ def test_soak_2000_steps_memory_and_speed_stay_flat():
     """No leaked graphs, no queue growth: RSS and step time at the end match the start."""
     from accelerate import Accelerator
 
-    from lowmem_moco.moco import MoCo
+    from lowmem_moco.engine.moco import MoCo
 
     torch.manual_seed(0)
     encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),

@@ -9,7 +9,7 @@ from PIL import Image
 
 from lowmem_moco.cli import main
 from lowmem_moco.config import load_config
-from lowmem_moco.data import build_datasets
+from lowmem_moco.data.sources import build_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.synthetic_size=64", "data.num_workers=0"]

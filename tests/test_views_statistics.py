@@ -13,10 +13,10 @@ from PIL import Image
 
 from benchmarks.views_statistics import (aliasing_energy, batched_boxes, blur_spread, box_summary,
                                          torchvision_boxes)
-from lowmem_moco.augment import mocov2_transform
-from lowmem_moco.batched_augment import BatchedMoCoV2
-from lowmem_moco.cache import fit_shorter_side, shorter_side
-from lowmem_moco.ragged import RaggedImages
+from lowmem_moco.data.augment import mocov2_transform
+from lowmem_moco.data.batched_augment import BatchedMoCoV2
+from lowmem_moco.data.cache import fit_shorter_side, shorter_side
+from lowmem_moco.data.ragged import RaggedImages
 
 CASES = [(375, 500, 224), (500, 375, 96), (256, 256, 32)]  # (height, width, view size)
 DRAWS = 6000

@@ -21,8 +21,9 @@ import torch
 from .augment import mocov2_transform
 from .batched_augment import BatchedMoCoV2
 from .cache import CachedBatches, DecodedCache
-from .config import Config
-from .data import LabelledImages, TwoViews
+from ..config import Config
+from .images import LabelledImages
+from .two_views import TwoViews
 from .ragged import RaggedImages
 
 

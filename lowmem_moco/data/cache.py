@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import DataError
+from ..errors import DataError
 from .fingerprint import source_fingerprint
-from .progress import DecodeBar
+from ..progress import DecodeBar
 from .ragged import RaggedImages
 
 CACHE_VERSION = 2

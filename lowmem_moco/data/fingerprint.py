@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 
 def source_fingerprint(images, source_id: Optional[str] = None) -> str:

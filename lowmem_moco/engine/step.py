@@ -14,7 +14,10 @@ Under N processes (DDP through accelerate) each process gets B/N images: its mic
 sync gradients only on the last one, DDP averages the processes' gradients (each already the
 mean over its share), so the update is the one of the whole-batch mean loss. Keys are
 gathered in rank order and enqueued identically everywhere, and BatchNorm running
-statistics are merged to the values a single process would hold (moco.merge_bn_stats).
+statistics are merged to the values a single process would hold (distributed.merge_bn_stats).
+
+Shapes: n = this process's share of the effective batch B, m = micro_batch, C = model.dim,
+K = moco.queue_size, world = number of processes (n x world = B).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import torch
 from torch import nn
 
 from .keys import encode_batch_keys
-from .moco import MoCo, bn_snapshot, info_nce, merge_bn_stats, restore_bn
+from .distributed import bn_snapshot, merge_bn_stats, restore_bn
+from .moco import MoCo, info_nce
 
 
 @dataclass
@@ -58,19 +62,19 @@ class MoCoStep:
     def __call__(self, view_q: torch.Tensor, view_k: torch.Tensor, momentum: float,
                  generator: torch.Generator | None = None) -> StepResult:
         acc, moco = self.accelerator, self.moco
-        moco.momentum_update(momentum)
+        moco.momentum_update(momentum)  # theta_k <- m theta_k + (1 - m) theta_q
         world = acc.num_processes
         with acc.autocast():
-            # (whole batch for the queue, this process's share for the loss)
+            # (whole batch for the queue, this process's share for the loss): all_k (world*n)xC, keys_k nxC
             all_k, keys_k = encode_batch_keys(moco.encoder_k, view_k, self.key_chunks, generator, acc,
                                               self.shuffle_across_processes)
             all_q, keys_q = encode_batch_keys(moco.encoder_k, view_q, self.key_chunks, generator, acc,
                                               self.shuffle_across_processes) if self.symmetric else (None, None)
-        queue = moco.queue  # enqueued only after every micro-batch's backward
+        queue = moco.queue  # KxC; enqueued only after every micro-batch's backward
         bn_before = bn_snapshot(moco.encoder_q) if world > 1 else []
 
         pairs = [(view_q, keys_k)] + ([(view_k, keys_q)] if self.symmetric else [])
-        n_micro = view_q.shape[0] // self.micro_batch
+        n_micro = view_q.shape[0] // self.micro_batch  # view_q, view_k: nx3xHxW (this process's share)
         total = torch.zeros((), device=view_q.device)
         for i in range(n_micro):
             part = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
@@ -79,8 +83,8 @@ class MoCoStep:
             with contextlib.nullcontext() if last else acc.no_sync(self.encoder_q):
                 for images, keys in pairs:
                     with acc.autocast():
-                        q = self.encoder_q(images[part])
-                    loss = info_nce(q, keys[part], queue, self.temperature) / n_micro
+                        q = self.encoder_q(images[part])  # mxC, m = micro_batch, not yet normalised
+                    loss = info_nce(q, keys[part], queue, self.temperature) / n_micro  # scalar; keys[part]: mxC
                     saved = bn_snapshot(moco.encoder_q) if self.guard_bn_stats else []
                     acc.backward(loss)
                     restore_bn(saved)
@@ -95,5 +99,5 @@ class MoCoStep:
             return StepResult(loss_value, skipped=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        moco.enqueue(torch.cat([all_q, all_k]) if self.symmetric else all_k)
+        moco.enqueue(torch.cat([all_q, all_k]) if self.symmetric else all_k)  # (world*n)xC, twice if symmetric
         return StepResult(loss_value, skipped=False)

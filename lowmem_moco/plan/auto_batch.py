@@ -18,9 +18,9 @@ import warnings
 
 import torch
 
-from .checkpoint import list_checkpoints
-from .config import Config
-from .errors import UserError
+from ..checkpoint import list_checkpoints
+from ..config import Config
+from ..errors import UserError
 
 AUTO = "auto"
 RULE_MAX_MICRO_BATCH = 64
@@ -69,7 +69,7 @@ def choose_micro_batch(cfg: Config, device: torch.device, precision: str, proces
 
 def plan_micro_batch(cfg: Config, precision: str, free_bytes: int) -> tuple[int, int]:
     """(largest micro-batch predicted to fit `free_bytes` with the margin, its predicted peak)."""
-    from .plan_search import Planner, nothing_fits, search
+    from .search import Planner, nothing_fits, search
 
     planner = Planner(cfg, precision)
     with torch.random.fork_rng(devices=[]):  # building the model draws numbers: leave the run's alone

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..optim import cosine_decay
+
 
 @contextlib.contextmanager
 def eval_mode(module: nn.Module):
@@ -134,6 +136,25 @@ def knn_accuracy(bank, bank_labels, queries, query_labels, num_classes, k=200, t
     return topk_accuracy(scores, query_labels, _ks(num_classes))
 
 
+def knn_monitor(encoder: nn.Module, data, cfg, device, autocast=contextlib.nullcontext) -> float:
+    """Weighted kNN top-1 (%) of data.val against a bank of data.train (eval views), as training
+    monitors it. eval.knn_features picks the backbone's pooled features or the head's output (the
+    official CIFAR-10 notebook's monitor); eval.knn_max_train caps the bank (0: every image)."""
+    from ..data.two_views import eval_loader
+
+    train = data.train
+    bank_size = min(len(train), cfg.eval.knn_max_train or len(train))
+    if bank_size < len(train):  # a fixed random subset: the same bank at every evaluation
+        train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:bank_size].tolist())
+    model = encoder if cfg.eval.knn_features == "head" else encoder.backbone
+    (bank, bank_y), (val, val_y) = [
+        extract_features(model, eval_loader(cfg, images, max(64, cfg.micro_batch), pin_memory=device.type == "cuda"),
+                         device, autocast=autocast, channels_last=cfg.train.channels_last)
+        for images in (train, data.val)]
+    bank, bank_y, val = bank.to(device), bank_y.to(device), val.to(device)  # bank: NxD, val: MxD
+    return knn_accuracy(bank, bank_y, val, val_y.to(device), len(data.classes), k=cfg.eval.knn_k, t=cfg.eval.knn_t)["top1"]
+
+
 def linear_probe(
     train_feats: Tensor,
     train_labels: Tensor,
@@ -188,7 +209,7 @@ def linear_probe(
             for start in range(0, n, batch_size):
                 idx = order[start:start + batch_size]
                 for group in opt.param_groups:
-                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+                    group["lr"] = cosine_decay(lr, step / total_steps)
                 loss = F.cross_entropy(clf(x_train[idx]), y_train[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -21,13 +21,15 @@ from rich.console import Console
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
-from .backbones import Encoder, encoder_from_config
-from .checkpoint import atomic_write_bytes, export_backbone, load_latest
-from .config import Config, config_from_dict, load_config, read_recipe
-from .augment import eval_transform, linear_train_transform
-from .data import DataSplits, EvalImages, build_datasets
-from .errors import UserError
-from .evaluate import extract_features, knn_accuracy, linear_probe, linear_probe_augmented
+from ..backbones import Encoder, encoder_from_config
+from ..checkpoint import atomic_write_bytes, export_backbone, load_latest
+from ..config import Config, config_from_dict, load_config, read_recipe
+from ..data.augment import linear_train_transform
+from ..data.images import DataSplits
+from ..data.sources import build_datasets
+from ..data.two_views import eval_loader
+from ..errors import UserError
+from .probes import extract_features, knn_accuracy, linear_probe, linear_probe_augmented
 
 
 def load_run(run_dir: str | Path, overrides: list[str] = (), head: bool | None = False
@@ -60,11 +62,8 @@ def load_run(run_dir: str | Path, overrides: list[str] = (), head: bool | None =
     return cfg, encoder.backbone, json.loads(exported.with_suffix(".json").read_text()).get("step", -1)
 
 
-def _loader(cfg: Config, images, transform=None, shuffle: bool = False) -> torch.utils.data.DataLoader:
-    transform = transform or eval_transform(cfg.data.image_size, cfg.augment.mean, cfg.augment.std)
-    views = EvalImages(images, cfg.data.image_size, cfg.data.on_bad_image, transform)
-    return torch.utils.data.DataLoader(views, batch_size=256, shuffle=shuffle, num_workers=cfg.data.workers,
-                                       generator=torch.Generator().manual_seed(cfg.train.seed))
+def _probe_loader(cfg: Config, images, transform=None, shuffle: bool = False) -> torch.utils.data.DataLoader:
+    return eval_loader(cfg, images, 256, transform=transform, shuffle=shuffle, seed=cfg.train.seed)
 
 
 def _features(cfg: Config, model, images, split: str, step: int, cache: Path, device) -> tuple:
@@ -76,7 +75,7 @@ def _features(cfg: Config, model, images, split: str, step: int, cache: Path, de
     if path.is_file():
         saved = load_file(path)
         return saved["features"], saved["labels"]
-    feats, labels = extract_features(model.to(device), _loader(cfg, images), device)
+    feats, labels = extract_features(model.to(device), _probe_loader(cfg, images), device)
     cache.mkdir(parents=True, exist_ok=True)
     # Atomic: an interrupted write never leaves a truncated cache behind.
     atomic_write_bytes(path, st_save({"features": feats, "labels": labels}))
@@ -92,8 +91,8 @@ def probe(cfg: Config, model, data: DataSplits, mode: str, step: int, cache: Pat
     """
     classes = len(data.classes)
     if mode == "linear" and protocol == "paper":
-        result = linear_probe_augmented(model.to(device), _loader(cfg, data.train, linear_train_transform(
-            cfg.data.image_size, cfg.augment.mean, cfg.augment.std), shuffle=True), _loader(cfg, data.val), classes, epochs=linear_epochs,
+        result = linear_probe_augmented(model.to(device), _probe_loader(cfg, data.train, linear_train_transform(
+            cfg.data.image_size, cfg.augment.mean, cfg.augment.std), shuffle=True), _probe_loader(cfg, data.val), classes, epochs=linear_epochs,
             device=device, seed=cfg.train.seed)
         return result, {"epochs": linear_epochs, "protocol": "paper"}
     train_f, train_y = _features(cfg, model, data.train, "train", step, cache, device)

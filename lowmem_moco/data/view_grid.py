@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from .config import Config
-from .data import build_datasets
-from .errors import UserError
+from ..config import Config
+from .sources import build_datasets
+from ..errors import UserError
 from .pipeline import build_pipeline
 
 MIN_TILE = 96  # px: small views (32-px CIFAR) are enlarged, without smoothing, to be seen

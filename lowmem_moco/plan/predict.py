@@ -8,7 +8,7 @@ from `build_optimizer`, `MoCoStep` with its micro-batches and key chunks, and bo
 of the whole effective batch as the pipeline hands them over. The model is built for real on
 the CPU (timm's constructors read values), then its parameters, buffers and optimizer state
 are swapped for fake tensors (torch's FakeTensorMode): every operator runs on shapes only,
-and torch's MemTracker (lowmem_moco/memtrack.py) counts the storages it creates and frees.
+and torch's MemTracker (lowmem_moco/plan/memtrack.py) counts the storages it creates and frees.
 
 As on a GPU, the optimizer uses PyTorch's foreach implementation (SGD with weight decay then
 holds a temporary copy of the gradients), the views are in the pipeline's dtype, and
@@ -31,13 +31,13 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .backbones import enable_grad_checkpointing, encoder_from_config
-from .config import Config
-from .errors import ConfigError
+from ..backbones import enable_grad_checkpointing, encoder_from_config
+from ..config import Config
+from ..errors import ConfigError
 from .memtrack import peak_by_category, step_tracker
-from .moco import MoCo
-from .step import MoCoStep
-from .train import build_optimizer
+from ..engine.moco import MoCo
+from ..engine.step import MoCoStep
+from ..optim import build_optimizer
 
 GiB = 2**30
 DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}

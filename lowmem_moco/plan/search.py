@@ -14,9 +14,9 @@ from typing import Callable
 from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
                                            UnsupportedOperatorException)
 
-from .config import Config
-from .errors import ConfigError
-from .plan import CUDA_MARGIN, GiB, PlannedStep, Prediction, usable_bytes
+from ..config import Config
+from ..errors import ConfigError
+from .predict import CUDA_MARGIN, GiB, PlannedStep, Prediction, usable_bytes
 
 # What fake tensors refuse: an arch that needs one of these is measured on real CPU tensors.
 UNTRACEABLE = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException,

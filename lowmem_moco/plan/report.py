@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
-from .config import Config, load_config
-from .errors import ConfigError
-from .plan import CUDA_MARGIN, GPUS, GiB, Prediction, gpu, usable_bytes
-from .plan_search import Planner, SearchResult, nothing_fits, overrides, search
+from ..config import Config, load_config
+from ..errors import ConfigError
+from .predict import CUDA_MARGIN, GPUS, GiB, Prediction, gpu, usable_bytes
+from .search import Planner, SearchResult, nothing_fits, overrides, search
 
 ORDER = ("params", "grads", "optimizer", "activations", "temporaries", "inputs", "queue", "buffers")
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .moco import bn_snapshot, merge_bn_stats
+from .distributed import bn_snapshot, merge_bn_stats
 
 
 @torch.no_grad()
@@ -30,10 +30,10 @@ def encode_keys(encoder_k: nn.Module, images: torch.Tensor, num_chunks: int,
     format: the batch is split along its first dimension, never reshaped.
     """
     n = images.shape[0]
-    perm = torch.randperm(n, generator=generator).to(images.device)
-    keys = _encode_in_chunks(encoder_k, _same_layout(images[perm], images), num_chunks)
-    unshuffled = torch.empty_like(keys)
-    unshuffled[perm] = keys
+    perm = torch.randperm(n, generator=generator).to(images.device)  # n
+    keys = _encode_in_chunks(encoder_k, _same_layout(images[perm], images), num_chunks)  # nxC, shuffled order
+    unshuffled = torch.empty_like(keys)  # nxC
+    unshuffled[perm] = keys  # back to the order of `images`
     return unshuffled
 
 
@@ -45,7 +45,7 @@ def _same_layout(selected: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
 
 
 def _encode_in_chunks(encoder_k: nn.Module, images: torch.Tensor, num_chunks: int) -> torch.Tensor:
-    keys = torch.cat([encoder_k(chunk) for chunk in images.chunk(num_chunks)])
+    keys = torch.cat([encoder_k(chunk) for chunk in images.chunk(num_chunks)])  # nxC; BatchNorm per chunk
     return F.normalize(keys.float(), dim=1)
 
 
@@ -69,13 +69,13 @@ def encode_batch_keys(encoder_k: nn.Module, images: torch.Tensor, num_chunks: in
         # Every process holds the whole key batch in rank order, draws the same permutation,
         # encodes its own slice of it: a single process with N x num_chunks chunks and the same
         # generator forms exactly the same BatchNorm groups.
-        everything = accelerator.gather(images)
-        perm = torch.randperm(world * n, generator=generator).to(images.device)
-        mine = _same_layout(everything[perm[rank * n:(rank + 1) * n]], images)
-        shuffled = accelerator.gather(_encode_in_chunks(encoder_k, mine, num_chunks))
+        everything = accelerator.gather(images)  # (world*n)x3xHxW, rank order
+        perm = torch.randperm(world * n, generator=generator).to(images.device)  # world*n
+        mine = _same_layout(everything[perm[rank * n:(rank + 1) * n]], images)  # nx3xHxW
+        shuffled = accelerator.gather(_encode_in_chunks(encoder_k, mine, num_chunks))  # (world*n)xC
         all_keys = torch.empty_like(shuffled)
-        all_keys[perm] = shuffled
+        all_keys[perm] = shuffled  # (world*n)xC, batch order
     else:
-        all_keys = accelerator.gather(encode_keys(encoder_k, images, num_chunks, generator))
+        all_keys = accelerator.gather(encode_keys(encoder_k, images, num_chunks, generator))  # (world*n)xC
     merge_bn_stats(before, accelerator)  # the key encoder's running statistics stay identical everywhere
     return all_keys, all_keys[rank * n:(rank + 1) * n]

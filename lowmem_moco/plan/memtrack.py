@@ -7,7 +7,7 @@
     peak = peak_by_category(tracker, "cpu")  # {"params": bytes, ..., "total": bytes}
 
 The same tracker counts real tensors (a measurement) and fake ones (the planner's prediction,
-lowmem_moco/plan.py): it sees storages being created and freed, not values.
+lowmem_moco/plan/predict.py): it sees storages being created and freed, not values.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import torch
 
 from .blur import gaussian_blur
 from .colour import Buffers, grayscale, jitter, on_subset
-from .config import AugmentConfig
+from ..config import AugmentConfig
 from .crops import CROP_DRAWS, crop_boxes, resized_crops
 from .ragged import RaggedImages
 from .sample_rng import uniforms

@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from .blur import RandomGaussianBlur
-from .config import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
+from ..config import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
 
 # Share of the image kept by the centre crop of the evaluation view (the usual 224/256).
 EVAL_CROP_FRACTION = 0.875

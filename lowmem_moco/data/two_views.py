@@ -1,0 +1,114 @@
+"""Model inputs from a labelled image set: two augmented views per image for MoCo
+(`TwoViews`), one deterministic view per image for the probes (`EvalImages`).
+
+    train = TwoViews(splits.train, mocov2_transform(size), cfg.data.on_bad_image)
+    val = EvalImages(splits.val, size)       # (image, label) for kNN features
+
+An unreadable file is skipped (the next readable image is used) or raised, per data.on_bad_image.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import DataError
+from .augment import eval_transform
+from .images import LabelledImages, UnreadableImageError
+
+log = logging.getLogger(__name__)
+
+
+_warned: set[str] = set()  # unreadable files already reported by this process
+
+
+def _load_readable(base: LabelledImages, index: int, on_bad_image: str, known_bad: set[int]
+                   ) -> tuple[Image.Image, int, int]:
+    """(image, index actually used, files skipped): `index`, or the next readable one after it."""
+    last: UnreadableImageError | None = None
+    for skipped in range(len(base)):
+        i = (index + skipped) % len(base)
+        if i in known_bad:
+            continue
+        try:
+            return base.load(i), i, skipped
+        except UnreadableImageError as err:
+            if on_bad_image == "error":
+                raise
+            known_bad.add(i)
+            last = err
+            if err.path not in _warned:
+                _warned.add(err.path)
+                log.warning("skipping unreadable image %s (%s)", err.path, err.__cause__)
+    where = f" (e.g. {last.path})" if last else ""
+    raise DataError(f"none of the {len(base)} images could be read{where}; check that the data folder holds images")
+
+
+def _check_policy(on_bad_image: str) -> str:
+    if on_bad_image not in ("skip", "error"):
+        raise DataError(f"data.on_bad_image must be skip or error, got {on_bad_image!r}; set one of those")
+    return on_bad_image
+
+
+class TwoViews(Dataset):
+    """MoCo input: two independently augmented views of one image.
+
+    Indexed by (index, sample_seed): the views depend only on that key, never on the
+    worker process or on what it made before, so runs and resumes are reproducible.
+    """
+
+    def __init__(self, base: LabelledImages, transform: Callable, on_bad_image: str = "skip"):
+        self.base, self.transform = base, transform
+        self.on_bad_image = _check_policy(on_bad_image)
+        self._known_bad: set[int] = set()  # per process: each worker keeps its own copy
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if not isinstance(key, (tuple, list)):
+            raise TypeError("TwoViews is indexed by (index, sample_seed) pairs; sample it with data.pipeline.EpochBatches")
+        index, sample_seed = key
+        image, _, skipped = _load_readable(self.base, index, self.on_bad_image, self._known_bad)
+        # A private RNG stream per sample; the caller's torch RNG state is restored afterwards.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(sample_seed) & 0xFFFF_FFFF_FFFF_FFFF)
+            view_q = self.transform(image)
+            view_k = self.transform(image)
+        return view_q, view_k, skipped
+
+
+class EvalImages(Dataset):
+    """(view, label) pairs for probes, by default the deterministic eval view; an unreadable
+    file is handled like in TwoViews."""
+
+    def __init__(self, base: LabelledImages, image_size: int, on_bad_image: str = "skip",
+                 transform: Callable | None = None):
+        self.base, self.transform = base, transform or eval_transform(image_size)
+        self.on_bad_image = _check_policy(on_bad_image)
+        self._known_bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, used, _ = _load_readable(self.base, i, self.on_bad_image, self._known_bad)
+        return self.transform(image), self.base.targets[used]
+
+
+def eval_loader(cfg, images: LabelledImages, batch_size: int, *, transform: Callable | None = None,
+                shuffle: bool = False, pin_memory: bool = False, seed: int | None = None) -> DataLoader:
+    """The one loader of (view, label) batches for features: the kNN monitor's and the probes'.
+
+    Its generator is private (seeded when `seed` is given), so loading never draws from the
+    global RNG that training's reproducibility depends on.
+    """
+    transform = transform or eval_transform(cfg.data.image_size, cfg.augment.mean, cfg.augment.std)
+    views = EvalImages(images, cfg.data.image_size, cfg.data.on_bad_image, transform)
+    generator = torch.Generator() if seed is None else torch.Generator().manual_seed(seed)
+    return DataLoader(views, batch_size=batch_size, shuffle=shuffle, num_workers=cfg.data.workers,
+                      pin_memory=pin_memory, generator=generator)

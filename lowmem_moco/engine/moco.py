@@ -1,0 +1,84 @@
+"""The MoCo v2 state: query encoder, its momentum copy, the queue of negatives, the loss.
+
+Shapes: N = queries or keys in a batch, C = model.dim, K = moco.queue_size.
+
+Beside the official facebookresearch/moco `moco/builder.py`, the same algorithm is spread
+over the engine so that one step can run in micro-batches and key chunks:
+
+    builder.py                                   lowmem-moco
+    MoCo.__init__: f_q, f_k = copy of f_q,        MoCo.__init__ (head: backbones.py), queue KxC
+      queue normalised along C
+    _momentum_update_key_encoder                 MoCo.momentum_update (step.py calls it first)
+    _batch_shuffle_ddp / _batch_unshuffle_ddp    keys.encode_keys (one device: chunked BatchNorm)
+                                                 keys.encode_batch_keys (several processes)
+    forward: q = normalize(f_q(im_q))            step.MoCoStep, per micro-batch
+             k = normalize(f_k(im_k)), no grad   keys.encode_keys, for all B keys at once
+             l_pos, l_neg, logits / T, labels 0  info_nce (in fp32)
+             _dequeue_and_enqueue(k)             MoCo.enqueue, after the optimizer step
+    concat_all_gather                            accelerator.gather (keys.py, distributed.py)
+
+The queue is kept KxC here (the official code keeps CxK): one key per row, so enqueueing is
+a row write.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..optim import cosine_decay
+
+
+class MoCo(nn.Module):
+    """Holds f_q, f_k and the queue; the training step (step.py) decides when each is used."""
+
+    def __init__(self, encoder: nn.Module, queue_size: int, dim: int):
+        super().__init__()
+        self.encoder_q = encoder
+        # The key encoder is made before any wrapping for mixed precision or data parallel, so
+        # it stays a plain module with fp32 parameters that the EMA can update exactly.
+        self.encoder_k = copy.deepcopy(encoder).requires_grad_(False)
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))  # KxC
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def momentum_update(self, m: float) -> None:
+        """theta_k <- m * theta_k + (1 - m) * theta_q, parameters only, in fp32.
+
+        Buffers (BatchNorm running statistics) stay the key encoder's own, as in the paper.
+        """
+        k_params = [p for p in self.encoder_k.parameters()]
+        q_params = [p.detach() for p in self.encoder_q.parameters()]
+        torch._foreach_mul_(k_params, m)
+        torch._foreach_add_(k_params, q_params, alpha=1.0 - m)
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """FIFO insert of NxC normalised keys, wrapping around the end for any K and N <= K."""
+        n, size = keys.shape[0], self.queue.shape[0]
+        ptr = int(self.queue_ptr)
+        slots = (ptr + torch.arange(n, device=self.queue.device)) % size  # N rows of the KxC queue
+        self.queue[slots] = keys.to(self.queue.dtype)
+        self.queue_ptr.fill_((ptr + n) % size)
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean InfoNCE of queries q (NxC, not yet normalised) against their keys k (NxC,
+    normalised) and the negatives in queue (KxC). Always computed in fp32."""
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q = F.normalize(q.float(), dim=1)  # NxC
+        l_pos = (q * k.float()).sum(dim=1, keepdim=True)  # Nx1
+        l_neg = q @ queue.float().t()  # NxK
+        logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # Nx(1+K)
+        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # N; the positive is column 0
+        return F.cross_entropy(logits, labels)
+
+
+def momentum_at(step: int, total_steps: int, base: float, schedule: str) -> float:
+    """EMA coefficient for this step: constant, or cosine-increased from base to 1 (BYOL)."""
+    if schedule == "constant" or total_steps <= 1:
+        return base
+    return 1.0 - cosine_decay(1.0 - base, step / total_steps)

@@ -1,0 +1,1 @@
+"""Evaluation: the probes (kNN, linear) and evaluating or exporting a finished run."""

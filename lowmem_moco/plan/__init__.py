@@ -1,0 +1,1 @@
+"""The memory planner: fake-tensor peak prediction, the micro-batch search, its report."""

@@ -1,0 +1,166 @@
+"""The run configuration's schema: every key, its type and its default, as dataclasses.
+
+Loading a recipe, overrides and validation live in config.py, which re-exports these names.
+Defaults are MoCo v2's unless a comment says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+DATA_SOURCES = ("folder", "cifar10", "imagenette", "imagewoof", "synthetic")
+PRECISIONS = ("no", "fp16", "bf16")
+OPTIMIZERS = ("sgd", "adamw")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Every enumerated key and its documented values. Values are canonical after loading:
+# ALIASES maps what users may write (including what YAML makes of `no`/`off`) onto them.
+CHOICES = {
+    "data.source": DATA_SOURCES,
+    "data.augment": ("auto", "per_image", "batched"),
+    "data.on_bad_image": ("skip", "error"),
+    "model.head": ("mlp", "linear"),
+    "model.resnet_init": ("timm", "torchvision"),
+    "moco.momentum_schedule": ("constant", "cosine"),
+    "train.optimizer": OPTIMIZERS,
+    "train.lr_schedule": ("cosine", "cosine_epoch_start", "cosine_epoch_end"),
+    "train.precision": PRECISIONS,
+    "train.log_with": ("none", "tensorboard", "wandb"),
+    "eval.knn_features": ("backbone", "head"),
+}
+ALIASES = {
+    "train.precision": {"fp32": "no", "off": "no", False: "no"},
+}
+
+
+@dataclass
+class DataConfig:
+    source: str = "folder"  # one of DATA_SOURCES
+    root: str = "data"  # folder source: an ImageFolder tree; others: download/cache folder
+    train_dir: Optional[str] = None  # folder source: training images (default: root/train or root)
+    val_dir: Optional[str] = None  # labelled images for the kNN monitor (default: carved from train)
+    val_fraction: float = 0.1  # share of the training images held out when val_dir is unset (0: none)
+    image_size: int = 224
+    num_workers: int = -1  # -1: one per CPU core, at most 8
+    download: bool = True  # built-in sources: fetch the data when it is not in root yet
+    augment: str = "auto"  # per_image (CPU workers) | batched (decoded cache, on the device) | auto
+    cache_dir: Optional[str] = None  # batched: decoded-image cache (default: root/.lowmem_moco_cache)
+    on_bad_image: str = "skip"  # skip | error: what an unreadable image file does
+    synthetic_size: int = 4000  # synthetic source: training images (validation adds 1/4)
+    synthetic_classes: int = 10
+
+    @property
+    def workers(self) -> int:
+        return min(8, os.cpu_count() or 1) if self.num_workers < 0 else self.num_workers
+
+
+@dataclass
+class AugmentConfig:
+    """The training views' distribution; both view paths (per-image and batched) read it.
+
+    Defaults are MoCo v2's (Chen et al. 2020, official main_moco.py with --aug-plus).
+    """
+
+    crop_scale: list = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area fraction
+    crop_ratio: list = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop aspect ratio
+    jitter_prob: float = 0.8
+    jitter: list = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])  # brightness, contrast, saturation, hue
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    blur_sigma: list = field(default_factory=lambda: [0.1, 2.0])
+    # 0: the published blur, a Gaussian kernel reaching 3 sigma each side (never truncated).
+    # N > 0 caps the kernel's half-width at N pixels: faster, no longer the published blur.
+    blur_max_radius: int = 0
+    flip_prob: float = 0.5
+    mean: list = field(default_factory=lambda: list(IMAGENET_MEAN))  # normalisation, also of eval views
+    std: list = field(default_factory=lambda: list(IMAGENET_STD))
+
+
+# Length of each list-valued augment key, and the range its values must lie in.
+AUGMENT_LISTS = {"crop_scale": 2, "crop_ratio": 2, "jitter": 4, "blur_sigma": 2, "mean": 3, "std": 3}
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"  # any timm model name
+    small_image_stem: bool = False  # 32-px data: stride-1 stem where the family has one we can adapt
+    head: str = "mlp"  # mlp: MoCo v2's Linear-ReLU-Linear | linear: MoCo v1's single Linear
+    head_hidden_dim: Optional[int] = None  # MLP head hidden width (default: backbone width)
+    dim: int = 128  # output (key/query) dimension
+    # timm: timm's own init | torchvision: the official code's init (ResNets: zero_init_last=False;
+    # other families are unchanged).
+    resnet_init: str = "timm"
+    # Extra timm.create_model arguments, e.g. {zero_init_last: false, drop_path_rate: 0.1,
+    # channels: [32, 64, 128, 256]} (a narrower ResNet); see the model's timm constructor.
+    timm_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class MocoConfig:
+    queue_size: int = 65536  # K negatives
+    momentum: float = 0.999  # key-encoder EMA coefficient m
+    momentum_schedule: str = "constant"  # constant | cosine (m rises to 1 over training)
+    temperature: float = 0.2  # T of InfoNCE
+    key_chunks: int = 8  # key batch split for per-chunk BatchNorm (shuffle BN on one GPU); per process
+    symmetric: bool = False  # symmetric loss of the CIFAR-10 demo notebook
+    shuffle_across_processes: bool = False  # N processes: shuffle the key batch across them (official shuffle BN)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 256  # effective batch: one optimizer step, one enqueue
+    # images per forward/backward (default: batch_size); auto: chosen at start-up (auto_batch.py)
+    micro_batch_size: Optional[int] = None
+    epochs: int = 200
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (schedule unchanged)
+    optimizer: str = "sgd"  # sgd (momentum 0.9) | adamw
+    lr: float = 0.03
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0  # linear warm-up before the cosine decay
+    # cosine: decays every step. Once per epoch, as the official code: cosine_epoch_start (main_moco.py,
+    # the value at the epoch's start) | cosine_epoch_end (the CIFAR-10 notebook, the value at its end)
+    lr_schedule: str = "cosine"
+    precision: str = "no"  # no | fp16 | bf16
+    grad_checkpointing: bool = False
+    channels_last: bool = False
+    seed: int = 0
+    checkpoint_every: int = 500  # optimizer steps between checkpoints (0: epoch ends only)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    log_every: int = 10  # optimizer steps between metric lines
+    max_nonfinite_steps: int = 20  # consecutive skipped (non-finite) steps before stopping
+    log_with: str = "none"  # none | tensorboard | wandb: metrics.jsonl's records also go there (accelerate's trackers)
+
+
+@dataclass
+class EvalConfig:
+    knn_every: int = 1  # epochs between kNN evaluations (0: never)
+    knn_k: int = 200
+    knn_t: float = 0.1
+    knn_max_train: int = 10000  # feature-bank size cap, for speed on big data sets (0: the whole set)
+    knn_features: str = "backbone"  # backbone: pooled backbone features | head: the normalised head output
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/moco"
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def micro_batch(self) -> int:
+        return self.train.micro_batch_size or self.train.batch_size
+
+    @property
+    def accum_steps(self) -> int:
+        return self.train.batch_size // self.micro_batch
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
