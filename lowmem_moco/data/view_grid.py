@@ -32,7 +32,8 @@ def training_views(cfg: Config, n: int, device: torch.device | None = None) -> t
     pipeline = build_pipeline(train, cfg, device)
     view_q, view_k = pipeline.preview(list(range(n)), epoch=0)  # float (N, 3, S, S) in [0, 1]
     views = torch.stack([view_q, view_k], dim=1)  # (N, 2, 3, S, S)
-    return views.mul(255).round_().clamp_(0, 255).to(torch.uint8).cpu(), type(pipeline).__name__
+    path = "batched path (decoded cache)" if hasattr(pipeline, "cache") else "per-image path"
+    return views.mul(255).round_().clamp_(0, 255).to(torch.uint8).cpu(), path
 
 
 def save_views(cfg: Config, n: int, out: str | Path, tensor_out: str | Path | None = None) -> str:
