@@ -77,14 +77,25 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if _NAME.match(p.name))
 
 
+_UNREADABLE = (OSError, SafetensorError, ValueError, KeyError, TypeError)
+
+
+def read_meta(path: str | Path) -> dict:
+    """The JSON meta of one checkpoint file, from its header alone; CheckpointError if unreadable."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return json.loads(f.metadata()["lowmem_moco"])
+    except _UNREADABLE as err:
+        raise CheckpointError(f"{path} is damaged or not a lowmem-moco checkpoint ({err})") from None
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, meta) of one checkpoint file; CheckpointError if it is damaged."""
     path = Path(path)
+    meta = read_meta(path)
     try:
         tensors = st_load(path.read_bytes())
-        with safe_open(path, framework="pt") as f:
-            meta = json.loads(f.metadata()["lowmem_moco"])
-    except (OSError, SafetensorError, ValueError, KeyError, TypeError) as err:
+    except _UNREADABLE as err:
         raise CheckpointError(f"{path} is damaged or not a lowmem-moco checkpoint ({err})") from None
     if meta.get("crc32") != _crc(tensors):
         raise CheckpointError(f"{path} is damaged: its data does not match its checksum")

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..checkpoint import atomic_write_bytes
 from ..errors import DataError
 from .fingerprint import source_fingerprint
 from ..progress import DecodeBar
@@ -163,8 +164,9 @@ class DecodedCache:
                transform: Optional[Callable] = None) -> torch.utils.data.DataLoader:
         """Batches for the positions that `batch_sampler` yields (lists of positions or of
         (position, seed) keys), as (RaggedImages, targets, seeds); one worker reads ahead."""
+        # A private generator for the workers' base seed keeps the global RNG out of the data path.
         return torch.utils.data.DataLoader(CachedBatches(self, transform), sampler=batch_sampler, batch_size=None,
-                                           num_workers=num_workers, pin_memory=pin_memory)
+                                           num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator())
 
     # ------------------------------------------------------------------ finding or building
 
@@ -268,9 +270,7 @@ def _build(images, directory: Path, stem: str, fingerprint: str, side: int, fail
                     median_sides=[int(v) for v in np.median(np.sort(index[:count, 3:5], axis=1), axis=0)],
                     classes=list(getattr(images, "classes", [])), pixels_file=pixels_file, index_file=index_file,
                     build_seconds=round(time.perf_counter() - started, 1))
-    temporary = directory / f"{stem}.json.tmp-{os.getpid()}"
-    temporary.write_text(json.dumps(manifest, indent=1))
-    os.replace(temporary, directory / f"{stem}.json")  # the switch: atomic on one file system
+    atomic_write_bytes(directory / f"{stem}.json", json.dumps(manifest, indent=1).encode())  # the switch
     for old in list(directory.glob(f"{stem}.*.npy")) + list(directory.glob(f"{stem}.*.u8")):
         if old.name not in (pixels_file, index_file):  # earlier or interrupted builds of this entry
             old.unlink(missing_ok=True)

@@ -20,7 +20,7 @@ import torch
 
 from .augment import mocov2_transform
 from .batched_augment import BatchedMoCoV2
-from .cache import CachedBatches, DecodedCache
+from .cache import DecodedCache
 from ..config import Config
 from .images import LabelledImages
 from .two_views import TwoViews
@@ -120,8 +120,8 @@ class BatchedPipeline(Pipeline):
 
     def epoch(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         # Slicing the memory map is cheap: one worker reading ahead is enough.
-        loader = self._loader(CachedBatches(self.cache), min(1, self.cfg.data.workers),
-                              sampler=self._sampler(epoch, start), batch_size=None)
+        loader = self.cache.loader(self._sampler(epoch, start), min(1, self.cfg.data.workers),
+                                   pin_memory=self.device.type == "cuda")
         for images, _, seeds in loader:
             view_q, view_k = self._two_views(images, seeds, self.dtype, normalize=True)
             yield view_q.contiguous(memory_format=self.memory_format), \

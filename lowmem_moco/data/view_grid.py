@@ -16,7 +16,7 @@ from torchvision.utils import make_grid, save_image
 from ..config import Config
 from .sources import build_datasets
 from ..errors import UserError
-from .pipeline import build_pipeline
+from .pipeline import BatchedPipeline, build_pipeline
 
 MIN_TILE = 96  # px: small views (32-px CIFAR) are enlarged, without smoothing, to be seen
 
@@ -32,7 +32,7 @@ def training_views(cfg: Config, n: int, device: torch.device | None = None) -> t
     pipeline = build_pipeline(train, cfg, device)
     view_q, view_k = pipeline.preview(list(range(n)), epoch=0)  # float (N, 3, S, S) in [0, 1]
     views = torch.stack([view_q, view_k], dim=1)  # (N, 2, 3, S, S)
-    path = "batched path (decoded cache)" if hasattr(pipeline, "cache") else "per-image path"
+    path = "batched path (decoded cache)" if isinstance(pipeline, BatchedPipeline) else "per-image path"
     return views.mul(255).round_().clamp_(0, 255).to(torch.uint8).cpu(), path
 
 

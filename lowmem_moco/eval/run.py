@@ -70,7 +70,8 @@ def _features(cfg: Config, model, images, split: str, step: int, cache: Path, de
     """L2-normalised centre-crop features of `images`, cached per weights, data and split."""
     kind = type(model).__name__  # an Encoder (backbone + head) or the backbone itself
     key = json.dumps([step, kind, cfg.data.source, cfg.data.root, cfg.data.train_dir, cfg.data.val_dir,
-                      cfg.data.val_fraction, cfg.data.image_size, split, len(images)])
+                      cfg.data.val_fraction, cfg.data.image_size, cfg.augment.mean, cfg.augment.std, split,
+                      len(images)])
     path = cache / f"{split}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.safetensors"
     if path.is_file():
         saved = load_file(path)

@@ -13,14 +13,13 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import torch
 
-from ..checkpoint import list_checkpoints
+from ..checkpoint import list_checkpoints, read_meta
 from ..config import Config
-from ..errors import UserError
+from ..errors import CheckpointError, UserError
 
 AUTO = "auto"
 RULE_MAX_MICRO_BATCH = 64
@@ -32,13 +31,10 @@ def rule_micro_batch(share: int) -> int:
 
 def resumed_micro_batch(output_dir: str) -> int | None:
     """The micro-batch of the newest checkpoint in `output_dir`, read from its header only."""
-    from safetensors import safe_open
-
     for path in reversed(list_checkpoints(output_dir)):
         try:
-            with safe_open(str(path), "pt") as f:
-                saved = json.loads(f.metadata()["lowmem_moco"])["config"]["train"]
-        except Exception:  # an unreadable checkpoint is skipped, as load_latest does
+            saved = read_meta(path)["config"]["train"]
+        except CheckpointError:  # an unreadable checkpoint is skipped, as load_latest does
             continue
         return saved.get("micro_batch_size") or saved["batch_size"]
     return None

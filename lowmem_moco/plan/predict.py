@@ -3,7 +3,7 @@
     step = PlannedStep(cfg, precision="fp16", checkpointing=True)
     prediction = step.predict(micro_batch=128)  # Prediction(peak_bytes=..., by_category={...})
 
-The step is the trainer's own: the encoder from `encoder_from_config`, `MoCo`, the optimizer
+The step is the trainer's own: the model from `train.build_model`, the optimizer
 from `build_optimizer`, `MoCoStep` with its micro-batches and key chunks, and both input views
 of the whole effective batch as the pipeline hands them over. The model is built for real on
 the CPU (timm's constructors read values), then its parameters, buffers and optimizer state
@@ -24,6 +24,7 @@ measures it on a GPU.
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -31,13 +32,12 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..backbones import enable_grad_checkpointing, encoder_from_config
 from ..config import Config
 from ..errors import ConfigError
 from .memtrack import peak_by_category, step_tracker
-from ..engine.moco import MoCo
 from ..engine.step import MoCoStep
 from ..optim import build_optimizer
+from ..train import build_model
 
 GiB = 2**30
 DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -136,13 +136,10 @@ class PlannedStep:
         self.cfg, self.precision, self.checkpointing, self.fake = cfg, precision, checkpointing, fake
         self.mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
         torch.manual_seed(cfg.train.seed)
-        encoder = encoder_from_config(cfg)
-        if checkpointing:
-            enable_grad_checkpointing(encoder.backbone, cfg.model.arch)
-        self.moco = MoCo(encoder, cfg.moco.queue_size, cfg.model.dim)
+        model_cfg = copy.deepcopy(cfg)  # the checkpointing being planned, whatever the recipe says
+        model_cfg.train.grad_checkpointing = checkpointing
+        self.moco = build_model(model_cfg, torch.device("cpu"))  # the trainer's own model
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        if cfg.train.channels_last:
-            self.moco.to(memory_format=torch.channels_last)
         if fake:
             _to_fake(self.moco, self.mode)
         self.optimizer = build_optimizer(self.moco.encoder_q.parameters(), cfg)
