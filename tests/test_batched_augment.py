@@ -221,3 +221,12 @@ def test_cuda_draws_the_same_views_as_the_cpu():
     gpu = aug.two_views(images.to("cuda"), seeds.cuda(), normalize=False)
     for a, b in zip(cpu, gpu):  # the CPU rounds resized crops to uint8, as torchvision's uint8 path
         assert (a - b.cpu()).abs().max() <= 3 / 255  # crops rounded on the CPU, then jitter (<= 1.4x twice)
+
+
+def test_ragged_select_gathers_the_chosen_images_in_order():
+    batch = ragged((24, 30), (40, 20), (16, 16))
+    chosen = batch.select(torch.tensor([2, 0, 2]))
+    assert chosen.shapes.tolist() == [[16, 16], [24, 30], [16, 16]]
+    for got, want in zip(chosen.images(), [batch.image(2), batch.image(0), batch.image(2)]):
+        assert torch.equal(got, want)
+    assert len(batch.select([])) == 0

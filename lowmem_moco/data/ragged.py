@@ -60,6 +60,17 @@ class RaggedImages:
         return [flat[start:start + height * width * 3].view(height, width, 3).permute(2, 0, 1)
                 for start, (height, width) in zip(self.offsets.tolist(), self.shapes.tolist())]
 
+    def select(self, rows) -> "RaggedImages":
+        """Images `rows` (a list or 1-D tensor of positions) as a new batch (one gathered copy)."""
+        rows = torch.as_tensor(rows, dtype=torch.int64).cpu()
+        shapes = self.shapes[rows]  # (r, 2)
+        sizes = shapes[:, 0] * shapes[:, 1] * 3  # (r,)
+        if len(rows) == 0:
+            return RaggedImages(self.pixels[:0], sizes, shapes)
+        starts = self.offsets[rows]
+        pixels = torch.cat([self.pixels[s:s + n] for s, n in zip(starts.tolist(), sizes.tolist())])
+        return RaggedImages(pixels, torch.cumsum(sizes, 0) - sizes, shapes)
+
     def to(self, device, non_blocking: bool = False) -> "RaggedImages":
         return RaggedImages(self.pixels.to(device, non_blocking=non_blocking), self.offsets, self.shapes)
 
