@@ -32,6 +32,7 @@ from lowmem_moco.data.images import DataSplits
 from lowmem_moco.data.sources import build_datasets
 from lowmem_moco.engine.moco import momentum_at
 from lowmem_moco.data.pipeline import build_pipeline
+from lowmem_moco.engine.views import whole
 from lowmem_moco.eval.run import load_run, probe
 from lowmem_moco.optim import build_optimizer, lr_at
 
@@ -60,7 +61,7 @@ def train_naive(cfg: Config, data: DataSplits, steps: int, device: torch.device,
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, steps_per_epoch, t)
             naive.momentum = momentum_at(step, total, cfg.moco.momentum, cfg.moco.momentum_schedule)
-            loss = naive(view_q, view_k)
+            loss = naive(whole(view_q), whole(view_k))  # the baseline takes whole batches
             step += 1
             if step % log_every == 0 or step == steps:
                 rate = step * t.batch_size / (time.perf_counter() - started)

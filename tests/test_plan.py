@@ -33,8 +33,10 @@ def test_prediction_agrees_with_real_cpu_tensors_and_the_lean_tracker_with_memtr
     assert lean.method == "fake" and measured.method == "real-cpu"
     assert abs(lean.peak_bytes / measured.peak_bytes - 1) < 0.10
     assert lean.peak_bytes == full.peak_bytes and lean.by_category == full.by_category
-    # The inputs are both views of the whole batch, in the precision's dtype.
-    assert lean.by_category["inputs"] == 2 * 16 * 3 * 32 * 32 * 2
+    # Lazy views: the input at the peak is one micro-batch of views, in the precision's dtype;
+    # views of the whole batch made before the step would be both views of all 16 images.
+    assert lean.by_category["inputs"] == 4 * 3 * 32 * 32 * 2
+    assert planned.predict(4, whole_batch_views=True).by_category["inputs"] == 2 * 16 * 3 * 32 * 32 * 2
 
 
 def test_search_picks_the_fastest_fitting_configuration_of_all():

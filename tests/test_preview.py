@@ -6,6 +6,7 @@ import torch
 from lowmem_moco.config import Config, validate
 from lowmem_moco.data.sources import build_datasets
 from lowmem_moco.data.pipeline import EpochBatches, build_pipeline
+from lowmem_moco.engine.views import whole
 
 
 def pipeline_for(mode, tmp_path, **augment):
@@ -25,7 +26,7 @@ def test_preview_is_what_the_epoch_yields(mode, tmp_path):
     cfg, pipeline = pipeline_for(mode, tmp_path, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
     epoch = 1
     first_batch = [i for i, _ in next(iter(EpochBatches(len(pipeline), 8, cfg.train.seed, epoch)))]
-    view_q, view_k, _ = next(iter(pipeline.epoch(epoch, 0)))
+    view_q, view_k = (whole(view) for view in next(iter(pipeline.epoch(epoch, 0)))[:2])
     preview_q, preview_k = pipeline.preview(first_batch, epoch)
     assert preview_q.shape == (8, 3, 16, 16) and 0 <= preview_q.min() and preview_q.max() <= 1
     mean, std = torch.tensor(cfg.augment.mean).view(1, 3, 1, 1), torch.tensor(cfg.augment.std).view(1, 3, 1, 1)

@@ -77,10 +77,10 @@ class BatchedMoCoV2:
     # ------------------------------------------------------------------ entry points
 
     def __call__(self, images, seeds: torch.Tensor, dtype: torch.dtype = torch.float32,
-                 normalize: bool = True) -> torch.Tensor:
-        """One view (view number 0) of every image."""
+                 normalize: bool = True, number: int = 0) -> torch.Tensor:
+        """View `number` (0: the query's, 1: the key's) of every image."""
         images = _ragged(images)
-        return self.apply(images, self.sample_params(seeds, images.shapes, views=(0,)), dtype, normalize)
+        return self.apply(images, self.sample_params(seeds, images.shapes, views=(number,)), dtype, normalize)
 
     def two_views(self, images, seeds: torch.Tensor, dtype: torch.dtype = torch.float32,
                   normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,8 +23,8 @@ from .batched_augment import BatchedMoCoV2
 from .cache import DecodedCache
 from ..config import Config
 from .images import LabelledImages
+from .lazy_views import BatchedView, CopiedView
 from .two_views import TwoViews
-from .ragged import RaggedImages
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -52,7 +52,8 @@ class EpochBatches(torch.utils.data.Sampler):
 
 
 class Pipeline:
-    """Yields (view_q, view_k, unreadable images skipped) per effective batch, on `device`."""
+    """Yields (view_q, view_k, unreadable images skipped) per effective batch: lazy views
+    (lazy_views.py) that make any rows of the batch on `device` when the step asks."""
 
     def __init__(self, cfg: Config, device: torch.device, rank: int = 0, world: int = 1):
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
@@ -69,9 +70,6 @@ class Pipeline:
         # A private generator for the workers' base seed keeps the global RNG out of the data path.
         return torch.utils.data.DataLoader(dataset, num_workers=workers, pin_memory=self.device.type == "cuda",
                                            generator=torch.Generator(), **kw)
-
-    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
-        return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
 
     def preview(self, indices: list[int], epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Views q and k (N, 3, S, S), float in [0, 1], unnormalised, of samples `indices` as
@@ -91,10 +89,11 @@ class PerImagePipeline(Pipeline):
     def __len__(self) -> int:
         return len(self.views)
 
-    def epoch(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def epoch(self, epoch: int, start: int) -> Iterator[tuple[CopiedView, CopiedView, int]]:
         loader = self._loader(self.views, self.cfg.data.workers, batch_sampler=self._sampler(epoch, start))
-        for view_q, view_k, skipped in loader:
-            yield self._to_device(view_q), self._to_device(view_k), int(skipped.sum())
+        for view_q, view_k, skipped in loader:  # Bx3xSxS each, on the host
+            yield CopiedView(view_q, self.device, self.memory_format), \
+                CopiedView(view_k, self.device, self.memory_format), int(skipped.sum())
 
     def _views(self, indices: list[int], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         unnormalised = TwoViews(self.views.base, mocov2_transform(self.cfg.data.image_size, self.cfg.augment,
@@ -118,21 +117,17 @@ class BatchedPipeline(Pipeline):
     def __len__(self) -> int:
         return len(self.cache)
 
-    def epoch(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def epoch(self, epoch: int, start: int) -> Iterator[tuple[BatchedView, BatchedView, int]]:
         # Slicing the memory map is cheap: one worker reading ahead is enough.
         loader = self.cache.loader(self._sampler(epoch, start), min(1, self.cfg.data.workers),
                                    pin_memory=self.device.type == "cuda")
-        for images, _, seeds in loader:
-            view_q, view_k = self._two_views(images, seeds, self.dtype, normalize=True)
-            yield view_q.contiguous(memory_format=self.memory_format), \
-                view_k.contiguous(memory_format=self.memory_format), 0
-
-    def _two_views(self, images: RaggedImages, seeds: torch.Tensor, dtype: torch.dtype, normalize: bool):
-        # Every view is a function of its sample's own seed: exact on resume, whatever the batch.
-        return self.augment.two_views(images.to(self.device, non_blocking=True), seeds, dtype, normalize)
+        for images, _, seeds in loader:  # the batch's source images stay on the host until a view needs them
+            yield tuple(BatchedView(images, seeds, self.augment, number, self.device, self.dtype, self.memory_format)
+                        for number in (0, 1)) + (0,)
 
     def _views(self, indices: list[int], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._two_views(self.cache.batch(indices), torch.tensor(seeds), torch.float32, normalize=False)
+        images = self.cache.batch(indices).to(self.device)
+        return self.augment.two_views(images, torch.tensor(seeds), torch.float32, normalize=False)
 
 
 def build_pipeline(images: LabelledImages, cfg: Config, device: torch.device, rank: int = 0, world: int = 1,

@@ -68,7 +68,10 @@ class RaggedImages:
         if len(rows) == 0:
             return RaggedImages(self.pixels[:0], sizes, shapes)
         starts = self.offsets[rows]
-        pixels = torch.cat([self.pixels[s:s + n] for s, n in zip(starts.tolist(), sizes.tolist())])
+        # A pinned batch gives a pinned subset, so that its copy to a GPU stays asynchronous.
+        pinned = self.pixels.device.type == "cpu" and self.pixels.is_pinned()
+        pixels = torch.empty(int(sizes.sum()), dtype=torch.uint8, device=self.pixels.device, pin_memory=pinned)
+        torch.cat([self.pixels[s:s + n] for s, n in zip(starts.tolist(), sizes.tolist())], out=pixels)
         return RaggedImages(pixels, torch.cumsum(sizes, 0) - sizes, shapes)
 
     def to(self, device, non_blocking: bool = False) -> "RaggedImages":

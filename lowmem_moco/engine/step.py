@@ -16,6 +16,9 @@ mean over its share), so the update is the one of the whole-batch mean loss. Key
 gathered in rank order and enqueued identically everywhere, and BatchNorm running
 statistics are merged to the values a single process would hold (distributed.merge_bn_stats).
 
+The views are tensors or lazy views (views.py): lazy ones are made one key chunk and one
+micro-batch at a time, so neither view of the whole batch ever exists at once.
+
 Shapes: n = this process's share of the effective batch B, m = micro_batch, C = model.dim,
 K = moco.queue_size, world = number of processes (n x world = B).
 """
@@ -31,6 +34,7 @@ from torch import nn
 from .keys import encode_batch_keys
 from .distributed import bn_snapshot, merge_bn_stats, restore_bn
 from .moco import MoCo, info_nce
+from .views import View, take
 
 
 @dataclass
@@ -59,7 +63,7 @@ class MoCoStep:
         # it reads no loss and takes the finite-loss branch.
         self.planning = planning
 
-    def __call__(self, view_q: torch.Tensor, view_k: torch.Tensor, momentum: float,
+    def __call__(self, view_q: View, view_k: View, momentum: float,
                  generator: torch.Generator | None = None) -> StepResult:
         acc, moco = self.accelerator, self.moco
         moco.momentum_update(momentum)  # theta_k <- m theta_k + (1 - m) theta_q
@@ -74,8 +78,8 @@ class MoCoStep:
         bn_before = bn_snapshot(moco.encoder_q) if world > 1 else []
 
         pairs = [(view_q, keys_k)] + ([(view_k, keys_q)] if self.symmetric else [])
-        n_micro = view_q.shape[0] // self.micro_batch  # view_q, view_k: nx3xHxW (this process's share)
-        total = torch.zeros((), device=view_q.device)
+        n_micro = len(view_q) // self.micro_batch  # view_q, view_k: nx3xHxW (this process's share)
+        total = torch.zeros((), device=keys_k.device)
         for i in range(n_micro):
             part = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
             last = i == n_micro - 1
@@ -83,7 +87,8 @@ class MoCoStep:
             with contextlib.nullcontext() if last else acc.no_sync(self.encoder_q):
                 for images, keys in pairs:
                     with acc.autocast():
-                        q = self.encoder_q(images[part])  # mxC, m = micro_batch, not yet normalised
+                        # The micro-batch's views are made here (lazy views) and freed after its backward.
+                        q = self.encoder_q(take(images, part))  # mxC, m = micro_batch, not yet normalised
                     loss = info_nce(q, keys[part], queue, self.temperature) / n_micro  # scalar; keys[part]: mxC
                     saved = bn_snapshot(moco.encoder_q) if self.guard_bn_stats else []
                     acc.backward(loss)

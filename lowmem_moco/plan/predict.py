@@ -4,8 +4,8 @@
     prediction = step.predict(micro_batch=128)  # Prediction(peak_bytes=..., by_category={...})
 
 The step is the trainer's own: the model from `train.build_model`, the optimizer
-from `build_optimizer`, `MoCoStep` with its micro-batches and key chunks, and both input views
-of the whole effective batch as the pipeline hands them over. The model is built for real on
+from `build_optimizer`, `MoCoStep` with its micro-batches and key chunks, and input views made
+per key chunk and micro-batch as the pipeline's lazy views are. The model is built for real on
 the CPU (timm's constructors read values), then its parameters, buffers and optimizer state
 are swapped for fake tensors (torch's FakeTensorMode): every operator runs on shapes only,
 and torch's MemTracker (lowmem_moco/plan/memtrack.py) counts the storages it creates and frees.
@@ -126,6 +126,27 @@ def view_dtype(cfg: Config, precision: str) -> torch.dtype:
     return DTYPES[precision] or torch.float32
 
 
+def _zero_images(n: int, size: int, dtype: torch.dtype, memory_format) -> torch.Tensor:
+    return torch.zeros(n, 3, size, size, dtype=dtype).contiguous(memory_format=memory_format)  # nx3xSxS
+
+
+class _PlannedView:
+    """A lazy view (engine/views.py) of zero images: rows are made when the step asks, as the
+    pipeline's are, in its dtype and layout. The augmentation's own scratch is not planned: it
+    exists before a chunk's forward, when activations are smaller than at the peak."""
+
+    def __init__(self, n: int, size: int, dtype: torch.dtype, memory_format, tracker):
+        self.n, self.size, self.dtype, self.memory_format, self.tracker = n, size, dtype, memory_format, tracker
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        images = _zero_images(len(rows), self.size, self.dtype, self.memory_format)  # rx3xSxS
+        self.tracker.track_external(images)  # counted as inputs, not as activations
+        return images
+
+
 class PlannedStep:
     """One recipe's step (precision and checkpointing fixed), built once, predicted at any micro-batch.
 
@@ -168,7 +189,9 @@ class PlannedStep:
         return {"params": nbytes(self.moco.parameters()), "buffers": nbytes(self.moco.buffers()),
                 "optimizer": nbytes(state), "queue": nbytes([self.moco.queue])}
 
-    def predict(self, micro_batch: int, lean: bool = True) -> Prediction:
+    def predict(self, micro_batch: int, lean: bool = True, whole_batch_views: bool = False) -> Prediction:
+        """The step's peak at `micro_batch`; whole_batch_views=True plans input views made for the
+        whole batch before the step (how the pipeline worked before lazy views), for comparison."""
         cfg, start = self.cfg, time.perf_counter()
         batch = cfg.train.batch_size
         if micro_batch < 2 or batch % micro_batch:
@@ -180,10 +203,11 @@ class PlannedStep:
         size, dtype = cfg.data.image_size, view_dtype(cfg, self.precision)
         tracker = step_tracker(lean=lean)
         with self._mode():
-            # The pipeline hands over both views of the whole effective batch: Bx3xSxS each.
-            views = [torch.zeros(batch, 3, size, size, dtype=dtype).contiguous(memory_format=self.memory_format)
-                     for _ in range(2)]
-            tracker.track_external(self.moco, self.optimizer, *views)
+            if whole_batch_views:  # both views of the whole batch made before the step: Bx3xSxS each
+                views = [_zero_images(batch, size, dtype, self.memory_format) for _ in range(2)]
+            else:  # the pipeline's lazy views: made per key chunk and micro-batch, inside the step
+                views = [_PlannedView(batch, size, dtype, self.memory_format, tracker) for _ in range(2)]
+            tracker.track_external(self.moco, self.optimizer, *[v for v in views if torch.is_tensor(v)])
             with tracker:
                 step(*views, cfg.moco.momentum, torch.Generator().manual_seed(cfg.train.seed + 1))
         by_category = peak_by_category(tracker, "cpu")

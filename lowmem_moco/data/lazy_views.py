@@ -1,0 +1,55 @@
+"""The pipeline's lazy views (engine/views.py): each sample's view made when the step asks for it.
+
+    view_k = BatchedView(images, seeds, augment, number=1, device=cuda, dtype=torch.float16)
+    keys_chunk = view_k(rows)  # (r, 3, S, S) on cuda: rows' source images augmented now
+
+- `BatchedView` (batched path): the batch's source images (uint8, any sizes) stay where the
+  loader put them (pinned host memory for a GPU); the rows asked for are selected, moved to
+  the device and augmented there. Views are functions of each sample's seed, so a view made
+  for a chunk equals that row of a view made for the whole batch, bit for bit.
+- `CopiedView` (per-image path): views made whole by the DataLoader workers stay on the
+  host; the rows asked for are copied to the device.
+
+Either way the device holds one key chunk's or one micro-batch's views at a time, whatever
+the effective batch and the image size. The cost: under `moco.symmetric` each view is used
+as a key and as a query, so the batched path makes it twice.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .batched_augment import BatchedMoCoV2
+
+
+class BatchedView:
+    """View `number` (0: query, 1: key) of a batch of source images, augmented on demand."""
+
+    def __init__(self, images, seeds: torch.Tensor, augment: BatchedMoCoV2, number: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32, memory_format=torch.contiguous_format):
+        # images: RaggedImages (or any batch with select(rows) and .to(device) -> RaggedImages); seeds (n,)
+        self.images, self.seeds, self.augment, self.number = images, seeds, augment, number
+        self.device, self.dtype, self.memory_format = device, dtype, memory_format
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.cpu()
+        source = self.images.select(rows).to(self.device, non_blocking=True)  # r images, uint8
+        views = self.augment(source, self.seeds[rows], self.dtype, normalize=True, number=self.number)  # rx3xSxS
+        return views.contiguous(memory_format=self.memory_format)
+
+
+class CopiedView:
+    """A view made whole on the host (n, 3, S, S); rows are copied to `device` when asked for."""
+
+    def __init__(self, views: torch.Tensor, device: torch.device, memory_format=torch.contiguous_format):
+        self.views, self.device, self.memory_format = views, device, memory_format
+
+    def __len__(self) -> int:
+        return self.views.shape[0]
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        chosen = self.views[rows.cpu()]  # rx3xSxS on the host
+        return chosen.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
