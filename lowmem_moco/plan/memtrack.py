@@ -1,7 +1,7 @@
 """Peak tensor memory of one training step, by category, with torch's MemTracker.
 
     tracker = step_tracker(lean=True)
-    tracker.track_external(moco, optimizer, view_q, view_k)
+    tracker.track_external(moco, optimizer, view_q, view_k)  # or CountedAsInputs(lazy_view, tracker)
     with tracker:
         step(...)
     peak = peak_by_category(tracker, "cpu")  # {"params": bytes, ..., "total": bytes}
@@ -71,6 +71,22 @@ class LeanStepTracker(StepTracker):
             if self._peak_mem.get(dev, 0) < snap["Total"]:
                 self._peak_mem[dev] = snap["Total"]
                 self._peak_mem_snap[dev] = dict(snap)
+
+
+class CountedAsInputs:
+    """A lazy view (engine/views.py) whose views, made inside the step, the tracker counts as
+    inputs rather than as activations."""
+
+    def __init__(self, view, tracker: MemTracker):
+        self.view, self.tracker = view, tracker
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __call__(self, rows):
+        images = self.view(rows)  # rx3xSxS
+        self.tracker.track_external(images)
+        return images
 
 
 def step_tracker(lean: bool = False) -> StepTracker:

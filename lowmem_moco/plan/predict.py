@@ -34,7 +34,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import Config
 from ..errors import ConfigError
-from .memtrack import peak_by_category, step_tracker
+from .memtrack import CountedAsInputs, peak_by_category, step_tracker
 from ..engine.step import MoCoStep
 from ..optim import build_optimizer
 from ..train import build_model
@@ -135,16 +135,14 @@ class _PlannedView:
     pipeline's are, in its dtype and layout. The augmentation's own scratch is not planned: it
     exists before a chunk's forward, when activations are smaller than at the peak."""
 
-    def __init__(self, n: int, size: int, dtype: torch.dtype, memory_format, tracker):
-        self.n, self.size, self.dtype, self.memory_format, self.tracker = n, size, dtype, memory_format, tracker
+    def __init__(self, n: int, size: int, dtype: torch.dtype, memory_format):
+        self.n, self.size, self.dtype, self.memory_format = n, size, dtype, memory_format
 
     def __len__(self) -> int:
         return self.n
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        images = _zero_images(len(rows), self.size, self.dtype, self.memory_format)  # rx3xSxS
-        self.tracker.track_external(images)  # counted as inputs, not as activations
-        return images
+        return _zero_images(len(rows), self.size, self.dtype, self.memory_format)  # rx3xSxS
 
 
 class PlannedStep:
@@ -206,7 +204,8 @@ class PlannedStep:
             if whole_batch_views:  # both views of the whole batch made before the step: Bx3xSxS each
                 views = [_zero_images(batch, size, dtype, self.memory_format) for _ in range(2)]
             else:  # the pipeline's lazy views: made per key chunk and micro-batch, inside the step
-                views = [_PlannedView(batch, size, dtype, self.memory_format, tracker) for _ in range(2)]
+                views = [CountedAsInputs(_PlannedView(batch, size, dtype, self.memory_format), tracker)
+                         for _ in range(2)]
             tracker.track_external(self.moco, self.optimizer, *[v for v in views if torch.is_tensor(v)])
             with tracker:
                 step(*views, cfg.moco.momentum, torch.Generator().manual_seed(cfg.train.seed + 1))
