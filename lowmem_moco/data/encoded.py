@@ -48,7 +48,7 @@ from ..errors import DataError
 from ..progress import DecodeBar
 from .cache import fit_shorter_side, shorter_side
 from .cache_files import commit_manifest, locked, new_build_id, read_manifest
-from .encoded_images import PIL_FALLBACK, EncodedImages, is_jpeg, pil_rgb
+from .encoded_images import PIL_FALLBACK, EncodedImages, decoder_message, is_jpeg, pil_rgb
 from .encoded_store import EncodedStore, positions_of, source_bytes
 from .fingerprint import source_fingerprint
 from .images import UnreadableImageError
@@ -119,15 +119,8 @@ class _Encode(torch.utils.data.Dataset):
             path_of = getattr(self.images, "path", None)
             name = path_of(i) if callable(path_of) else f"image {i} of the data set"
             if self.fail:
-                raise UnreadableImageError(name, f"{type(err).__name__}: {err}") from None
-            return i, None, (name, _reason(err))
-
-
-def _reason(err: Exception) -> str:
-    """The decoder's message without its source location (torchvision prefixes 'file.cpp:N, ')."""
-    text = (str(err).splitlines() or [""])[0]
-    text = text.split(".cpp:", 1)[1].split(", ", 1)[-1] if ".cpp:" in text else text
-    return f"{type(err).__name__}: {text}"[:200]
+                raise UnreadableImageError(name, decoder_message(err)) from None
+            return i, None, (name, decoder_message(err)[:200])
 
 
 def _keep(items):

@@ -38,6 +38,13 @@ def is_jpeg(data: bytes) -> bool:
     return data[:3] == JPEG_START
 
 
+def decoder_message(err: Exception) -> str:
+    """'Type: message' on one line, without the source location torchvision puts first ('x.cpp:171, ')."""
+    text = (str(err).splitlines() or [""])[0]
+    text = text.split(".cpp:", 1)[1].split(", ", 1)[-1] if ".cpp:" in text else text
+    return f"{type(err).__name__}: {text}"
+
+
 def pil_rgb(data: bytes) -> torch.Tensor:
     """(3, H, W) uint8 RGB from any file format PIL reads (the non-JPEG fallback)."""
     with Image.open(io.BytesIO(data)) as image:
@@ -121,10 +128,10 @@ class EncodedImages:
         except Exception as err:  # decoders raise RuntimeError, OSError, SyntaxError, ValueError, ...
             name = self.paths[i] if self.paths is not None else f"row {i} of the batch"
             if self.on_bad_image == "error":
-                raise UnreadableImageError(name, f"{type(err).__name__}: {err}") from err
+                raise UnreadableImageError(name, decoder_message(err)) from err
             if name not in _warned:
                 _warned.add(name)
-                log.warning("skipping unreadable image %s (%s: %s)", name, type(err).__name__, err)
+                log.warning("skipping unreadable image %s (%s)", name, decoder_message(err))
             return None
 
     def _fill_unreadable(self, decoded: list) -> list:
