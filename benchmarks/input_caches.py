@@ -136,7 +136,8 @@ def markdown(results: list[dict], command: str, note: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks caches", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image-size", type=int, action="append", help="crop size; repeat for several (default 96, 224)")
+    parser.add_argument("--image-size", type=int, action="append",
+                        help="crop size; repeat for several (default 96, 224)")
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--batches", type=int, default=6, help="timed batches per path")

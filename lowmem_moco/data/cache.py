@@ -28,7 +28,6 @@ import math
 import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -36,9 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..checkpoint import atomic_write_bytes
 from ..errors import DataError
-from .cache_files import locked
+from .cache_files import commit_manifest, locked, new_build_id
 from .fingerprint import source_fingerprint
 from ..progress import DecodeBar
 from .ragged import RaggedImages
@@ -219,7 +217,7 @@ class CachedBatches(torch.utils.data.Dataset):
 def _build(images, directory: Path, stem: str, fingerprint: str, side: int, fail: bool,
            num_workers: Optional[int], progress: bool) -> dict:
     started = time.perf_counter()
-    build = uuid.uuid4().hex[:8]
+    build = new_build_id()
     pixels_file, index_file = f"{stem}.{build}.pixels.u8", f"{stem}.{build}.index.npy"
     total = len(images)
     if total == 0:
@@ -254,10 +252,7 @@ def _build(images, directory: Path, stem: str, fingerprint: str, side: int, fail
                     median_sides=[int(v) for v in np.median(np.sort(index[:count, 3:5], axis=1), axis=0)],
                     classes=list(getattr(images, "classes", [])), pixels_file=pixels_file, index_file=index_file,
                     build_seconds=round(time.perf_counter() - started, 1))
-    atomic_write_bytes(directory / f"{stem}.json", json.dumps(manifest, indent=1).encode())  # the switch
-    for old in list(directory.glob(f"{stem}.*.npy")) + list(directory.glob(f"{stem}.*.u8")):
-        if old.name not in (pixels_file, index_file):  # earlier or interrupted builds of this entry
-            old.unlink(missing_ok=True)
+    commit_manifest(directory, stem, manifest, keep=(pixels_file, index_file))  # the switch, then old builds go
     if total - count:
         bar.print(f"{total - count} unreadable images skipped while caching")
     return manifest

@@ -107,8 +107,8 @@ class EncodedImages:
                 for i, image in zip(jpeg_rows, decode_jpeg([self.chunk(i) for i in jpeg_rows],
                                                            mode=ImageReadMode.RGB, device=device)):
                     decoded[i] = image
-            except RuntimeError:  # some row is unreadable: find it row by row
-                pass
+            except (RuntimeError, TypeError):  # some row is unreadable (or torchvision < 0.19 takes no list):
+                pass  # row by row below
         for i in range(len(self)):
             if decoded[i] is None:
                 decoded[i] = self._decode_row(i, device, non_blocking)

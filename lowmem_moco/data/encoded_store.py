@@ -22,7 +22,6 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .encoded_images import EncodedImages
 from .ragged import RaggedImages
