@@ -41,7 +41,7 @@ class CacheChoice:
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def choose_cache(decoded_bytes: int, encoded_bytes: int, ram_available: int, disk_free: int) -> CacheChoice:
@@ -101,7 +101,7 @@ def open_image_store(images, cfg, folder: Path, name: str, progress: bool = True
     line = f"data.cache={d.cache} -> {choice.mode}: {choice.reason}"
     log.info(line)
     if progress:
-        Console(highlight=False).print(line)
+        Console(highlight=False, soft_wrap=True).print(line)
     if choice.mode == "none":
         return SourceFiles(images, d.on_bad_image)
     store = DecodedCache if choice.mode == "decoded" else EncodedCache

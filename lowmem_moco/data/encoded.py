@@ -242,7 +242,8 @@ def _build(images, directory: Path, stem: str, fingerprint: str, side: int, fail
     manifest = dict(version=ENCODED_VERSION, fingerprint=fingerprint, shorter_side=side, layout="encoded bytes, flat",
                     count=count, source_count=total, skipped=len(bad), data_bytes=offset,
                     bytes_per_image=round((offset + index[:count].nbytes) / count),
-                    not_jpeg=done["not_jpeg"], fallback=PIL_FALLBACK, reencoded=done["reencoded"],
+                    from_files=callable(getattr(images, "path", None)), not_jpeg=done["not_jpeg"],
+                    fallback=PIL_FALLBACK, reencoded=done["reencoded"],
                     reencode=f"JPEG quality {REENCODE_QUALITY}, shorter side {side}px, when above "
                              f"{SHRINK_ABOVE * side}px",
                     median_sides=[int(v) for v in np.median(np.sort(index[:count, 4:6], axis=1), axis=0)],
@@ -260,7 +261,9 @@ def _report(m: dict, bar: DecodeBar) -> None:
         more = f"; and {m['skipped'] - _SHOWN} more (listed in the cache manifest)" if m["skipped"] > _SHOWN else ""
         log.warning("%d of %d files could not be read and were skipped: %s%s", m["skipped"], m["source_count"],
                     shown, more)
-    if m["not_jpeg"]:
+    if m["not_jpeg"] and m["from_files"]:
         log.warning("%d of %d files are not JPEG: decoded with %s", m["not_jpeg"], m["count"], m["fallback"])
+    elif m["not_jpeg"]:  # an in-memory set: stored as lossless PNG, which is not news to warn about
+        bar.print(f"{m['count']} images without files stored as PNG, decoded with {m['fallback']}")
     if m["reencoded"]:
         bar.print(f"{m['reencoded']} of {m['count']} images were large JPEGs, re-encoded smaller ({m['reencode']})")
