@@ -6,6 +6,7 @@
     python -m benchmarks plan-check                                           # planner vs real CPU memory
     python -m benchmarks input-memory                                         # views' share of a step's peak
     python -m benchmarks gpu [--smoke]                                        # the GPU machine's one command
+    python -m benchmarks caches --image-size 96 --image-size 224              # input img/s by data.cache
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["input-memory"]:
         from .input_memory import main as input_memory
         return input_memory(argv[1:])
+    if argv[:1] == ["caches"]:
+        from .input_caches import main as caches
+        return caches(argv[1:])
     if argv[:1] == ["plan-check"]:
         from .plan_check import main as plan_check
         return plan_check(smoke="--smoke" in argv, command="python -m benchmarks " + " ".join(argv))

@@ -75,23 +75,27 @@ def cifar_subset(count: int, work_dir: Path, tarball: Path = TARBALL) -> Path:
     return root
 
 
-def composed_photos(source: Path, count: int) -> Path:
-    """`count` photo-sized JPEGs, alternately 500x375 and 375x500, saved once beside the source.
+def composed_photos(source: Path, count: int, tile_px: int = 125, grid: tuple[int, int] = (4, 3)) -> Path:
+    """`count` photo-sized JPEGs, alternately landscape and portrait, saved once beside the source.
 
-    Each is a 4x3 (or 3x4) mosaic of consecutive CIFAR-10 JPEGs, each tile upscaled to 125 px
-    (bicubic): real photo content at the size and aspect ratios of ImageNet's typical images.
+    Each is a 4x3 (or 3x4; `grid`) mosaic of consecutive CIFAR-10 JPEGs, each tile upscaled to
+    125 px (`tile_px`, bicubic): by default 500x375 and 375x500, real photo content at the size and
+    aspect ratios of ImageNet's typical images.
     """
-    root = source.parent.parent / f"{source.parent.name}-photos{count}" / "train"
+    shape = "" if (tile_px, grid) == (125, (4, 3)) else f"-{tile_px * grid[0]}x{tile_px * grid[1]}"
+    root = source.parent.parent / f"{source.parent.name}-photos{count}{shape}" / "train"
     done = root.parent / ".complete"
     if done.exists():
         return root
     tiles = sorted(source.glob("*/*.jpg"))
+    per_photo = grid[0] * grid[1]
     for i in range(count):
-        columns, rows = (4, 3) if i % 2 == 0 else (3, 4)
-        photo = Image.new("RGB", (125 * columns, 125 * rows))
-        for t in range(columns * rows):
-            with Image.open(tiles[(i * 12 + t) % len(tiles)]) as tile:
-                photo.paste(tile.convert("RGB").resize((125, 125), Image.BICUBIC), (125 * (t % columns), 125 * (t // columns)))
+        columns, rows = grid if i % 2 == 0 else grid[::-1]
+        photo = Image.new("RGB", (tile_px * columns, tile_px * rows))
+        for t in range(per_photo):
+            with Image.open(tiles[(i * per_photo + t) % len(tiles)]) as tile:
+                photo.paste(tile.convert("RGB").resize((tile_px, tile_px), Image.BICUBIC),
+                            (tile_px * (t % columns), tile_px * (t // columns)))
         target = root / tiles[i % len(tiles)].parent.name / f"{i:05d}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
         photo.save(target, quality=90)

@@ -11,6 +11,7 @@ a config's values; the schema's names are re-exported here for the modules that 
 from __future__ import annotations
 
 import copy
+import functools
 import dataclasses
 import difflib
 import typing
@@ -208,10 +209,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def get_key(cfg: Config, key: str) -> Any:
     """The value of a dotted key, e.g. get_key(cfg, "train.precision")."""
-    node = cfg
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
+    return functools.reduce(getattr, key.split("."), cfg)
 
 
 def _in_range(key: str, value: float, low: float, high: float, what: str) -> None:
@@ -251,6 +249,8 @@ def validate(cfg: Config) -> None:
             spelled = [str(v) for v in choices] + [v for v in extra if isinstance(v, str)]
             raise ConfigError(f"{key} must be one of {', '.join(spelled)}; got {value!r}")
     validate_augment(cfg.augment)
+    if d.augment == "per_image" and d.cache != "auto":
+        raise ConfigError(f"data.cache={d.cache} applies to data.augment=batched only; set that, or data.cache=auto")
     positive = {
         "data.image_size": d.image_size, "model.dim": m.dim, "moco.queue_size": mo.queue_size,
         "moco.temperature": mo.temperature, "moco.key_chunks": mo.key_chunks,

@@ -23,6 +23,7 @@ CHOICES = {
     "data.source": DATA_SOURCES,
     "data.augment": ("auto", "per_image", "batched"),
     "data.on_bad_image": ("skip", "error"),
+    "data.cache": ("auto", "decoded", "encoded", "none"),
     "model.head": ("mlp", "linear"),
     "model.resnet_init": ("timm", "torchvision"),
     "moco.momentum_schedule": ("constant", "cosine"),
@@ -34,6 +35,7 @@ CHOICES = {
 }
 ALIASES = {
     "train.precision": {"fp32": "no", "off": "no", False: "no"},
+    "data.cache": {"off": "none", False: "none"},
 }
 
 
@@ -48,7 +50,8 @@ class DataConfig:
     num_workers: int = -1  # -1: one per CPU core, at most 8
     download: bool = True  # built-in sources: fetch the data when it is not in root yet
     augment: str = "auto"  # per_image (CPU workers) | batched (decoded cache, on the device) | auto
-    cache_dir: Optional[str] = None  # batched: decoded-image cache (default: root/.lowmem_moco_cache)
+    cache_dir: Optional[str] = None  # batched: image cache folder (default: root/.lowmem_moco_cache)
+    cache: str = "auto"  # batched: decoded | encoded (JPEG bytes) | none (files each batch) | auto (by RAM, disk)
     on_bad_image: str = "skip"  # skip | error: what an unreadable image file does
     synthetic_size: int = 4000  # synthetic source: training images (validation adds 1/4)
     synthetic_classes: int = 10

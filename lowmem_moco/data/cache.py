@@ -28,8 +28,6 @@ import math
 import os
 import shutil
 import time
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -37,8 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..checkpoint import atomic_write_bytes
 from ..errors import DataError
+from .cache_files import commit_manifest, locked, new_build_id
 from .fingerprint import source_fingerprint
 from ..progress import DecodeBar
 from .ragged import RaggedImages
@@ -64,7 +62,7 @@ def fit_shorter_side(image: Image.Image, side: int) -> np.ndarray:
     return np.array(image, dtype=np.uint8)
 
 
-def _estimated_bytes(images, side: int) -> int:
+def estimated_bytes(images, side: int) -> int:
     """Pixel bytes of the whole cache, from a few images spread through the set."""
     sizes = []
     for i in np.linspace(0, len(images) - 1, min(_PROBE, len(images))).astype(int):
@@ -100,22 +98,6 @@ class _Decode(torch.utils.data.Dataset):
 
 def _keep(items):
     return items  # a list of (index, array or None): no stacking, bad images stay visible
-
-
-@contextmanager
-def _locked(path: Path):
-    """One builder at a time per cache entry (others wait, then find it built)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class DecodedCache:
@@ -182,7 +164,7 @@ class DecodedCache:
         fingerprint = source_fingerprint(images, source_id)
         side = side or shorter_side(image_size, min_crop_scale)
         stem = f"{name}-{side}px"
-        with _locked(directory / f"{stem}.lock"):
+        with locked(directory / f"{stem}.lock"):
             found = cls.open(directory, stem, fingerprint, side)
             if found is not None:
                 return found
@@ -235,12 +217,12 @@ class CachedBatches(torch.utils.data.Dataset):
 def _build(images, directory: Path, stem: str, fingerprint: str, side: int, fail: bool,
            num_workers: Optional[int], progress: bool) -> dict:
     started = time.perf_counter()
-    build = uuid.uuid4().hex[:8]
+    build = new_build_id()
     pixels_file, index_file = f"{stem}.{build}.pixels.u8", f"{stem}.{build}.index.npy"
     total = len(images)
     if total == 0:
         raise DataError("the data set to cache has no images; check the data folder")
-    need, free = _estimated_bytes(images, side), shutil.disk_usage(directory).free
+    need, free = estimated_bytes(images, side), shutil.disk_usage(directory).free
     if need > free:
         raise DataError(f"caching {total} images (shorter side <= {side}px) needs about {need / 2**30:.1f} GiB but "
                         f"{directory} has {free / 2**30:.1f} GiB free; free some space, choose another cache "
@@ -270,10 +252,7 @@ def _build(images, directory: Path, stem: str, fingerprint: str, side: int, fail
                     median_sides=[int(v) for v in np.median(np.sort(index[:count, 3:5], axis=1), axis=0)],
                     classes=list(getattr(images, "classes", [])), pixels_file=pixels_file, index_file=index_file,
                     build_seconds=round(time.perf_counter() - started, 1))
-    atomic_write_bytes(directory / f"{stem}.json", json.dumps(manifest, indent=1).encode())  # the switch
-    for old in list(directory.glob(f"{stem}.*.npy")) + list(directory.glob(f"{stem}.*.u8")):
-        if old.name not in (pixels_file, index_file):  # earlier or interrupted builds of this entry
-            old.unlink(missing_ok=True)
+    commit_manifest(directory, stem, manifest, keep=(pixels_file, index_file))  # the switch, then old builds go
     if total - count:
         bar.print(f"{total - count} unreadable images skipped while caching")
     return manifest

@@ -4,8 +4,9 @@ The order of an epoch and every view are functions of (seed, epoch, index), so a
 run sees exactly the batches an uninterrupted one would. Two ways to make the views:
 
 - `per_image`: PIL images augmented one by one in DataLoader workers (any data, no cache);
-- `batched`: images decoded once into a memory-mapped uint8 cache, a batch sliced from it
-  and augmented in one pass on the training device (what keeps a GPU fed by 2 CPU cores).
+- `batched`: a batch of uint8 images from the store data.cache picks (a memory-mapped decoded
+  cache, an encoded one decoded per batch, or the files themselves; cache_choice.py),
+  augmented in one pass on the training device (what keeps a GPU fed by 2 CPU cores).
 
 Both read the `augment:` section. `preview(indices, epoch)` returns the views training
 makes for those samples in that epoch, unnormalised, for looking at them.
@@ -13,6 +14,7 @@ makes for those samples in that epoch, unnormalised, for looking at them.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -20,7 +22,7 @@ import torch
 
 from .augment import mocov2_transform
 from .batched_augment import BatchedMoCoV2
-from .cache import DecodedCache
+from .cache_choice import open_image_store
 from ..config import Config
 from .images import LabelledImages
 from .lazy_views import BatchedView, CopiedView
@@ -108,9 +110,8 @@ class BatchedPipeline(Pipeline):
         super().__init__(cfg, device, rank, world)
         d = cfg.data
         folder = Path(d.cache_dir) if d.cache_dir else Path(d.root) / ".lowmem_moco_cache"
-        self.cache = DecodedCache.open_or_build(images, folder, d.image_size, name=f"{d.source}-train",
-                                                min_crop_scale=cfg.augment.crop_scale[0],
-                                                on_bad_image=d.on_bad_image, progress=rank == 0)
+        # DecodedCache, EncodedCache or SourceFiles (data.cache): one interface, see cache_choice.
+        self.cache = open_image_store(images, cfg, folder, f"{d.source}-train", progress=rank == 0)
         self.augment = BatchedMoCoV2(d.image_size, cfg.augment)
         self.dtype = dtype
 
@@ -137,4 +138,7 @@ def build_pipeline(images: LabelledImages, cfg: Config, device: torch.device, ra
         mode = "batched" if device.type == "cuda" else "per_image"
     if mode == "batched":
         return BatchedPipeline(images, cfg, device, rank, world, dtype)
+    if cfg.data.cache != "auto" and rank == 0:
+        warnings.warn(f"data.cache={cfg.data.cache} is unused: data.augment=auto chose the per-image path on a "
+                      f"{device.type.upper()}; set data.augment=batched to use the cache")
     return PerImagePipeline(images, cfg, device, rank, world)
