@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from lowmem_moco.engine.views import whole
 from lowmem_moco.config import load_config
 from lowmem_moco.data import encoded as encoded_module
 from lowmem_moco.data.batched_augment import BatchedMoCoV2
@@ -231,7 +232,7 @@ def test_batched_pipeline_views_are_the_same_whatever_the_cache(tmp_path, capsys
                                  "data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}", "train.batch_size=4",
                                  "moco.key_chunks=1", "moco.queue_size=64"])
         pipeline = build_pipeline(images, cfg, torch.device("cpu"))
-        views[mode] = [torch.cat([q, k]) for q, k, _ in pipeline.epoch(0, 0)]
+        views[mode] = [torch.cat([whole(q), whole(k)]) for q, k, _ in pipeline.epoch(0, 0)]
         assert f"data.cache={mode} -> {mode}: set in the config" in capsys.readouterr().out
     assert len(views["decoded"]) == 2
     for mode in ("encoded", "none"):

@@ -11,8 +11,9 @@
   host; the rows asked for are copied to the device.
 
 Either way the device holds one key chunk's or one micro-batch's views at a time, whatever
-the effective batch and the image size. The cost: under `moco.symmetric` each view is used
-as a key and as a query, so the batched path makes it twice.
+the effective batch and the image size. The costs: under `moco.symmetric` each view is used
+as a key and as a query, so the batched path makes it twice; with an encoded store on a GPU
+(data.cache=encoded|none) an image is decoded for its key view and again for its query view.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from .augment import mocov2_transform
 from .batched_augment import BatchedMoCoV2
 from .cache_choice import open_image_store
 from ..config import Config
+from .encoded_store import EncodedStore
 from .images import LabelledImages
 from .lazy_views import BatchedView, CopiedView
 from .two_views import TwoViews
@@ -119,9 +120,10 @@ class BatchedPipeline(Pipeline):
         return len(self.cache)
 
     def epoch(self, epoch: int, start: int) -> Iterator[tuple[BatchedView, BatchedView, int]]:
-        # Slicing the memory map is cheap: one worker reading ahead is enough.
-        loader = self.cache.loader(self._sampler(epoch, start), min(1, self.cfg.data.workers),
-                                   pin_memory=self.device.type == "cuda")
+        # Slicing the decoded memory map is cheap: one worker reading ahead is enough. Encoded
+        # stores decode JPEGs in the workers on a CPU: all of them.
+        workers = self.cfg.data.workers if isinstance(self.cache, EncodedStore) else min(1, self.cfg.data.workers)
+        loader = self.cache.loader(self._sampler(epoch, start), workers, pin_memory=self.device.type == "cuda")
         for images, _, seeds in loader:  # the batch's source images stay on the host until a view needs them
             yield tuple(BatchedView(images, seeds, self.augment, number, self.device, self.dtype, self.memory_format)
                         for number in (0, 1)) + (0,)
