@@ -7,6 +7,7 @@
     python -m benchmarks input-memory                                         # views' share of a step's peak
     python -m benchmarks gpu [--smoke]                                        # the GPU machine's one command
     python -m benchmarks caches --image-size 96 --image-size 224              # input img/s by data.cache
+    python -m benchmarks highres                                              # the 1024-px recipe's img/s
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["input-memory"]:
         from .input_memory import main as input_memory
         return input_memory(argv[1:])
+    if argv[:1] == ["highres"]:
+        from .highres import main as highres
+        return highres(argv[1:])
     if argv[:1] == ["caches"]:
         from .input_caches import main as caches
         return caches(argv[1:])
