@@ -76,10 +76,10 @@ def test_folder_errors_name_problem_and_fix(tmp_path):
 def test_empty_class_found_with_older_torchvision(tmp_path, monkeypatch):
     newer = sources.make_dataset
 
-    def older(directory, class_to_idx, extensions=None, **kw):  # torchvision < 0.17 signature
+    def older(directory, class_to_idx, extensions=None, is_valid_file=None, **kw):  # torchvision < 0.17
         if kw:
             raise TypeError("unexpected keyword argument 'allow_empty'")
-        return newer(directory, class_to_idx, extensions=extensions)
+        return newer(directory, class_to_idx, extensions=extensions, is_valid_file=is_valid_file)
 
     monkeypatch.setattr(sources, "make_dataset", older)
     make_folder(tmp_path, {"full": 3, "bare": 0})

@@ -22,7 +22,7 @@ from .augment import mocov2_transform
 from .batched_augment import BatchedMoCoV2
 from .cache import DecodedCache
 from ..config import Config
-from .images import LabelledImages
+from .images import LabelledImages, warn_small_images
 from .two_views import TwoViews
 from .ragged import RaggedImages
 
@@ -86,6 +86,8 @@ class Pipeline:
 class PerImagePipeline(Pipeline):
     def __init__(self, images: LabelledImages, cfg: Config, device: torch.device, rank: int = 0, world: int = 1):
         super().__init__(cfg, device, rank, world)
+        if rank == 0:  # one line per run, not per process; the decoded cache says it from its shapes
+            warn_small_images(images, cfg.data.image_size)
         self.views = TwoViews(images, mocov2_transform(cfg.data.image_size, cfg.augment), cfg.data.on_bad_image)
 
     def __len__(self) -> int:
