@@ -125,6 +125,13 @@ def test_small_images_are_counted_from_headers_exactly_or_by_an_even_sample(tmp_
     assert small_images_report(files, 16, sample=3).startswith("about 3 of 9 images (1 of 3 looked at) are smaller")
 
 
+def test_warn_small_images_is_one_warning_or_none(tmp_path, recwarn):
+    Image.new("RGB", (9, 7)).save(tmp_path / "small.png")
+    images.warn_small_images(files_of([tmp_path / "small.png"]), 8)
+    images.warn_small_images(files_of([tmp_path / "small.png"]), 7)
+    assert [str(w.message)[:40] for w in recwarn] == ["1 of 1 images are smaller than 8 px on t"]
+
+
 def test_array_images_are_counted_without_decoding():
     array = np.zeros((5, 32, 32, 3), np.uint8)
     assert small_images_report(ArrayImages(array, [0] * 5, ["x"]), 32) is None  # CIFAR at its own size

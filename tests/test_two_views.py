@@ -80,6 +80,22 @@ def test_unreadable_file_in_error_mode_names_it(cifar_folder, tmp_path):
         TwoViews(base, mocov2_transform(16), on_bad_image="ignore")
 
 
+def test_unreadable_file_in_error_mode_is_one_line_from_a_worker_too(cifar_folder, tmp_path):
+    base = bad_folder(tmp_path, cifar_folder)
+    views = TwoViews(base, mocov2_transform(16), on_bad_image="error")
+    with pytest.raises(DataError) as caught:  # the worker's exception, rebuilt in this process
+        next(iter(DataLoader(views, batch_size=2, sampler=[(0, 0), (1, 1)], num_workers=1)))
+    assert str(caught.value) == (f"cannot read image {base.path(1)}: truncated JPEG; replace or delete the file, "
+                                 f"or set data.on_bad_image=skip to skip such files")
+
+
+def test_images_smaller_than_the_crop_are_upscaled(tmp_path):
+    root = make_folder(tmp_path / "small", {"a": 2, "b": 2})  # 8 x 8 px images
+    base = build_datasets(folder_cfg(root, val_dir=str(root))).train
+    q, k, replaced = TwoViews(base, mocov2_transform(24))[(0, 1)]
+    assert q.shape == k.shape == (3, 24, 24) and replaced == 0
+
+
 def test_eval_images_shape_label_and_skip(cifar_folder, tmp_path):
     splits = build_datasets(folder_cfg(cifar_folder))
     for size in (32, 48):

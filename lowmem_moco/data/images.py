@@ -51,6 +51,8 @@ def unreadable_reason(err: BaseException, path: str, image_format: str | None = 
         return "file not found"
     if isinstance(err, PermissionError):
         return "no permission to read it"
+    if isinstance(err, Image.DecompressionBombError):  # larger than PIL.Image.MAX_IMAGE_PIXELS allows
+        return f"too many pixels ({text})"
     if isinstance(err, UnidentifiedImageError):
         return "not an image (or too damaged to tell its format)"
     kind = image_format or Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "image")
@@ -215,8 +217,8 @@ class DataSplits:
 # ---------------------------------------------------------------- images smaller than the crop
 
 # Images whose headers are read to count those smaller than the crop; larger sets are sampled
-# evenly. A header costs about 45 us (CIFAR JPEGs in the page cache, 2-core CPU): 0.5 s for
-# 10,000, but a minute or more for ImageNet's 1.28M files, which startup should not wait for.
+# evenly. A header took 45-65 us (CIFAR JPEGs in the page cache, a busy 2-core CPU): under a
+# second for 10,000; at that rate ImageNet's 1.28M would hold up the start for over a minute.
 SIZE_SAMPLE = 10_000
 
 

@@ -118,7 +118,7 @@ def _list_images(directory: Path, class_to_idx: dict[str, int]) -> list[tuple[st
             except FileNotFoundError:
                 pass
     if ignored:
-        kinds = _few([f"{count} {kind}" for kind, count in ignored.most_common()])
+        kinds = _few([f"{count} {kind}" for kind, count in sorted(ignored.items(), key=lambda kc: (-kc[1], kc[0]))])
         warnings.warn(f"ignored {sum(ignored.values())} files in {directory} that are not images or are hidden "
                       f"({kinds}); images are files ending {' '.join(IMAGE_EXTENSIONS)}", stacklevel=2)
     return samples
