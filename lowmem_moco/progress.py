@@ -136,7 +136,7 @@ class DecodeBar:
     """A rich progress bar in a terminal; start and end lines otherwise (pipes, notebooks' `!`)."""
 
     def __init__(self, enabled: bool, total: int, title: str):
-        self.console = Console(highlight=False)
+        self.console = Console(highlight=False, soft_wrap=True)  # one line each, also in log files
         self.enabled, self.title, self.total = enabled, title, total
         self.live = RichProgress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                              console=self.console, transient=True) if enabled and self.console.is_terminal else None

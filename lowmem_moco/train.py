@@ -197,7 +197,7 @@ class Trainer:
             while self.step < self.stop_step:
                 epoch, start = divmod(self.step, self.steps_per_epoch)
                 if start == 0:  # a resumed epoch keeps the loss sums saved with the checkpoint
-                    self.counters.update(epoch_loss_sum=0.0, epoch_steps=0)
+                    self.counters.update(epoch_loss_sum=0.0, epoch_steps=0, bad_images=0)
                 epoch_images, epoch_start = 0, time.perf_counter()
                 window_start, window_images = time.perf_counter(), 0
                 for view_q, view_k, skipped in self.pipeline.epoch(epoch, start):

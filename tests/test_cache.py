@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import write_every_mode
 from lowmem_moco.data import cache as cache_module
 from lowmem_moco.data.cache import CachedBatches, DecodedCache, fit_shorter_side, shorter_side
 from lowmem_moco.data.images import ArrayImages, FileImages
@@ -179,3 +180,72 @@ def test_real_jpegs_to_two_views(cifar_folder, tmp_path):
     batch, targets, seeds = CachedBatches(cache)[[(i, 100 + i) for i in range(0, len(cache), 7)]]
     q, k = BatchedMoCoV2(32).two_views(batch, seeds)
     assert q.shape == k.shape == (len(targets), 3, 32, 32) and not torch.equal(q, k)
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def test_each_format_and_mode_is_cached_as_pil_converts_it(tmp_path):
+    expected = write_every_mode(tmp_path / "data" / "x")
+    cache = build(folder(tmp_path / "data"), tmp_path / "cache")  # 10 x 12 px: stored as they are
+    names = [os.path.basename(p) for p in folder(tmp_path / "data").paths]
+    assert len(cache) == len(expected)
+    for position, source in enumerate(cache.source_indices):
+        assert np.array_equal(cache.image(position), expected[names[source]]), names[source]
+
+
+def truncated_folder(root):
+    """make_folder's 8 images plus two truncated JPEGs (the first half of a real one's bytes)."""
+    images = make_folder(root)
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(root / "cat" / "whole.jpg")
+    jpeg = (root / "cat" / "whole.jpg").read_bytes()
+    (root / "cat" / "whole.jpg").unlink()
+    for name in ("cut0.jpg", "cut1.jpg"):
+        (root / "cat" / name).write_bytes(jpeg[:len(jpeg) // 2])
+    return folder(root)
+
+
+def test_truncated_jpegs_are_skipped_by_path_counted_and_listed(tmp_path, capsys):
+    images = truncated_folder(tmp_path / "data")
+    cache = DecodedCache.open_or_build(images, tmp_path / "cache", 16)
+    bad = [str(tmp_path / "data" / "cat" / n) for n in ("cut0.jpg", "cut1.jpg")]
+    lines = capsys.readouterr().out.splitlines()
+    assert [f"skipped {p}: truncated JPEG" for p in bad] == [line for line in lines if line.startswith("skipped")]
+    manifest = tmp_path / "cache" / "train-36px.json"
+    assert lines[-1] == f"2 of 10 images skipped as unreadable while caching (listed under skipped_files in {manifest})"
+    assert len(cache) == 8 and cache.manifest["skipped_files"] == [f"skipped {p}: truncated JPEG" for p in bad]
+    DecodedCache.open_or_build(images, tmp_path / "cache", 16)  # a hit says it again, without decoding
+    assert capsys.readouterr().out.splitlines() == [
+        f"2 unreadable images were skipped when {manifest} was built (listed there under skipped_files)"]
+
+
+def test_truncated_jpeg_in_error_mode_is_one_line_naming_it(tmp_path):
+    images = truncated_folder(tmp_path / "data")
+    for workers in (0, 1):
+        with pytest.raises(DataError) as caught:
+            build(images, tmp_path / f"strict{workers}", on_bad_image="error", num_workers=workers)
+        assert str(caught.value) == (f"cannot read image {tmp_path / 'data' / 'cat' / 'cut0.jpg'}: truncated JPEG; "
+                                     f"replace or delete the file, or set data.on_bad_image=skip to skip such files")
+
+
+def test_images_smaller_than_the_crop_warn_once_with_the_count_at_build_and_hit(tmp_path, recwarn):
+    from lowmem_moco.data.batched_augment import BatchedMoCoV2
+
+    images = make_folder(tmp_path / "data", sizes=((40, 30), (30, 52), (12, 10)))  # 2 of 8 are 10 px high
+    line = ("2 of 8 images are smaller than 24 px on their shorter side (the smallest: 10 px): their crops are "
+            "upscaled; lower data.image_size if that is most of them")
+    DecodedCache.open_or_build(images, tmp_path / "cache", 24, progress=True)  # built
+    assert [str(w.message) for w in recwarn] == [line]
+    recwarn.clear()
+    cache = DecodedCache.open_or_build(images, tmp_path / "cache", 24, progress=True)  # found
+    assert [str(w.message) for w in recwarn] == [line] and cache.manifest["count"] == 8
+    assert cache.small_images(10) is None
+    small = [p for p in range(len(cache)) if min(cache.shapes[p]) == 10]
+    q, k = BatchedMoCoV2(24).two_views(cache.batch(small), torch.tensor([1, 2]))
+    assert q.shape == k.shape == (2, 3, 24, 24)  # upscaled to the crop size
+
+
+def test_cifar_at_its_own_size_does_not_warn(cifar_folder, tmp_path, recwarn):
+    DecodedCache.open_or_build(folder(cifar_folder), tmp_path / "cache", 32, progress=True)
+    assert not [w for w in recwarn if "smaller than" in str(w.message)]

@@ -1,14 +1,17 @@
-"""Image sets (data/images.py): every PIL mode decodes to RGB."""
+"""Image sets (data/images.py): every PIL mode decodes to RGB; unreadable files say why; images
+smaller than the crop are counted from their headers."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import pytest
+from PIL import Image, ImageFile
 
-from conftest import folder_cfg
+from conftest import folder_cfg, write_every_mode
 from lowmem_moco.data import images
+from lowmem_moco.data.images import ArrayImages, FileImages, UnreadableImageError, small_images_report
 from lowmem_moco.data.sources import build_datasets
 
 
@@ -42,3 +45,94 @@ def test_palette_with_transparency_is_composited(tmp_path):
     image.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
     image.info["transparency"] = 1
     assert images.to_rgb(image).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_each_format_and_mode_loads_as_pil_converts_it(tmp_path):
+    """L, 1, P (PNG, GIF), CMYK (JPEG, TIFF), RGB(A) in JPEG/PNG/WebP/BMP, 16-bit grey: exact pixels."""
+    expected = write_every_mode(tmp_path / "x")
+    names = sorted(expected)
+    files = FileImages([str(tmp_path / "x" / n) for n in names], [0] * len(names), ["x"])
+    for i, name in enumerate(names):
+        image = files.load(i)
+        assert image.mode == "RGB", name
+        assert np.array_equal(np.asarray(image), expected[name]), name
+
+
+# ---------------------------------------------------------------- unreadable files
+
+
+def files_of(paths) -> FileImages:
+    return FileImages([str(p) for p in paths], [0] * len(paths), ["x"])
+
+
+def test_unreadable_files_say_why_with_their_path(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(tmp_path / "whole.jpg", quality=90)
+    jpeg = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "half.jpg").write_bytes(jpeg[:len(jpeg) // 2])  # header intact, scan data cut
+    (tmp_path / "no_end.jpg").write_bytes(jpeg[:-2])  # only the end-of-image marker missing
+    Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(tmp_path / "whole.png")
+    png = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "half.png").write_bytes(png[:len(png) // 2])
+    (tmp_path / "text.png").write_text("not an image")
+    names = ["half.jpg", "no_end.jpg", "half.png", "text.png", "gone.jpg", "whole.jpg"]
+    files = files_of([tmp_path / n for n in names])
+    reasons = {}
+    for i, name in enumerate(names[:-1]):
+        with pytest.raises(UnreadableImageError) as caught:
+            files.load(i)
+        assert caught.value.path == str(tmp_path / name) and str(tmp_path / name) in str(caught.value)
+        assert caught.value.skipped_line == f"skipped {tmp_path / name}: {caught.value.reason}"
+        reasons[name] = caught.value.reason
+    assert reasons == {"half.jpg": "truncated JPEG", "no_end.jpg": "truncated JPEG", "half.png": "truncated PNG",
+                       "text.png": "not an image (or too damaged to tell its format)", "gone.jpg": "file not found"}
+    assert files.load(5).size == (80, 64)
+    # No dependency may switch PIL to padding truncated files with grey: they must fail loudly.
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_unreadable_error_survives_the_dataloader_worker_round_trip(tmp_path):
+    """A worker's exception is rebuilt from its traceback text: it must still be one line with the path."""
+    def round_trip(error):
+        return UnreadableImageError(f"Caught UnreadableImageError in DataLoader worker process 0.\nOriginal "
+                                    f"Traceback (most recent call last):\n  File ...\nlowmem_moco.data.images."
+                                    f"UnreadableImageError: {error}\n")
+
+    original = UnreadableImageError(str(tmp_path / "a.jpg"), "damaged JPEG (OSError: broken data stream)")
+    rebuilt = round_trip(original)
+    assert str(rebuilt) == str(original) and (rebuilt.path, rebuilt.reason) == (original.path, original.reason)
+    odd_name = UnreadableImageError(str(tmp_path / "a: b.jpg"), "truncated JPEG")
+    assert str(round_trip(odd_name)) == str(odd_name)  # the message is kept whole
+
+
+# ---------------------------------------------------------------- images smaller than the crop
+
+
+def test_small_images_are_counted_from_headers_exactly_or_by_an_even_sample(tmp_path):
+    sides = [8, 40, 12, 40, 40, 40, 40, 40]  # shorter sides; two below 16 px
+    paths = []
+    for n, side in enumerate(sides):
+        Image.new("RGB", (side + 3, side), (9, 9, 9)).save(tmp_path / f"{n}.png")
+        paths.append(tmp_path / f"{n}.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "1.png").read_bytes()[:20])  # unreadable: not counted
+    files = files_of(paths + [tmp_path / "cut.png"])
+    assert files.shorter_sides(range(len(sides))).tolist() == sides
+    assert small_images_report(files, 16) == ("2 of 9 images are smaller than 16 px on their shorter side (the "
+                                              "smallest: 8 px): their crops are upscaled; lower data.image_size "
+                                              "if that is most of them")
+    assert small_images_report(files, 8) is None
+    # more images than the sample: 3 evenly spread looked at (0, 4, 8), 0 is small; 1 in 3 of 9 is 3
+    assert small_images_report(files, 16, sample=3).startswith("about 3 of 9 images (1 of 3 looked at) are smaller")
+
+
+def test_warn_small_images_is_one_warning_or_none(tmp_path, recwarn):
+    Image.new("RGB", (9, 7)).save(tmp_path / "small.png")
+    images.warn_small_images(files_of([tmp_path / "small.png"]), 8)
+    images.warn_small_images(files_of([tmp_path / "small.png"]), 7)
+    assert [str(w.message)[:40] for w in recwarn] == ["1 of 1 images are smaller than 8 px on t"]
+
+
+def test_array_images_are_counted_without_decoding():
+    array = np.zeros((5, 32, 32, 3), np.uint8)
+    assert small_images_report(ArrayImages(array, [0] * 5, ["x"]), 32) is None  # CIFAR at its own size
+    assert small_images_report(ArrayImages(array, [0] * 5, ["x"]), 33, sample=2).startswith("5 of 5 images")

@@ -125,6 +125,25 @@ def test_data_set_smaller_than_one_batch(tmp_path):
         Trainer(tiny(tmp_path, "data.synthetic_size=16"))
 
 
+def test_an_unreadable_image_is_counted_once_per_epoch_in_bad_images(tmp_path):
+    """Per-image path: a truncated JPEG is skipped, and each epoch's record counts it once."""
+    import json
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for n in range(32):  # one batch (train.batch_size=32): every image is drawn every epoch
+        (data / "ab"[n % 2]).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 20), (7 * n, 40, 90)).save(data / "ab"[n % 2] / f"{n}.jpg")
+    whole = (data / "a" / "0.jpg").read_bytes()
+    (data / "a" / "0.jpg").write_bytes(whole[:len(whole) // 2])
+    cfg = tiny(tmp_path / "run", "data.source=folder", f"data.root={data}", "data.val_fraction=0",
+               "data.image_size=16", "data.augment=per_image", "train.epochs=2")
+    train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["bad_images"] for r in records if r.get("kind") == "epoch"] == [1, 1]
+
+
 def test_resume_with_another_effective_batch_is_refused(tmp_path):
     train(tiny(tmp_path, "train.max_steps=1"))
     with pytest.raises(CheckpointError, match="train.batch_size=32"):

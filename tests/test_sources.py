@@ -76,10 +76,10 @@ def test_folder_errors_name_problem_and_fix(tmp_path):
 def test_empty_class_found_with_older_torchvision(tmp_path, monkeypatch):
     newer = sources.make_dataset
 
-    def older(directory, class_to_idx, extensions=None, **kw):  # torchvision < 0.17 signature
+    def older(directory, class_to_idx, extensions=None, is_valid_file=None, **kw):  # torchvision < 0.17
         if kw:
             raise TypeError("unexpected keyword argument 'allow_empty'")
-        return newer(directory, class_to_idx, extensions=extensions)
+        return newer(directory, class_to_idx, extensions=extensions, is_valid_file=is_valid_file)
 
     monkeypatch.setattr(sources, "make_dataset", older)
     make_folder(tmp_path, {"full": 3, "bare": 0})
@@ -91,6 +91,37 @@ def test_empty_class_found_with_older_torchvision(tmp_path, monkeypatch):
 def test_hidden_folders_are_not_classes(tmp_path):
     make_folder(tmp_path, {"a": 3, "b": 3, ".ipynb_checkpoints": 0})
     assert build_datasets(folder_cfg(tmp_path)).classes == ["a", "b"]
+
+
+def test_mixed_formats_are_read_and_other_files_ignored_with_one_line(tmp_path, recwarn):
+    from conftest import write_every_mode
+
+    write_every_mode(tmp_path / "a")  # JPEG, PNG, GIF, WebP, BMP, TIFF in every mode
+    make_folder(tmp_path, {"b": 2})
+    (tmp_path / "a" / "notes.txt").write_text("labels")
+    (tmp_path / "a" / "README").write_text("about")
+    (tmp_path / "a" / ".DS_Store").write_bytes(b"Bud1")
+    (tmp_path / "b" / "._0.png").write_bytes(b"\0\5\26\7 macOS resource fork")  # an image's name, not one
+    save_image(tmp_path / "b" / ".ipynb_checkpoints" / "3.png")
+    save_image(tmp_path / "b" / "nested" / "4.jpeg")  # sub-folders of a class are part of it
+    images = build_datasets(folder_cfg(tmp_path, val_dir=str(tmp_path))).train
+    names = sorted(Path(images.path(i)).name for i in range(len(images)))
+    assert names == sorted(["bilevel.png", "clear_rgba.png", "cmyk.jpg", "cmyk.tif", "grey.jpg", "grey.png",
+                            "grey16.png", "opaque_rgba.png", "palette.gif", "palette.png", "rgb.bmp", "rgb.jpg",
+                            "rgb.webp", "0.png", "1.png", "4.jpeg"])
+    assert all(images.load(i).mode == "RGB" for i in range(len(images)))
+    ignored = [str(w.message) for w in recwarn if "ignored" in str(w.message)]
+    assert ignored == [f"ignored 5 files in {tmp_path} that are not images or are hidden (3 hidden, 1 .txt, "
+                       f"1 no extension); images are files ending .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff "
+                       f".webp .gif"]
+
+
+def test_a_class_of_only_other_files_is_an_empty_class(tmp_path):
+    make_folder(tmp_path, {"a": 2})
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("no images here")
+    with pytest.warns(UserWarning, match=r"ignored 1 files .*\(1 \.txt\)"):
+        assert "class folder(s) b" in error_message(folder_cfg(tmp_path))
 
 
 def test_builtin_sources_offline_say_where_to_put_data(tmp_path):

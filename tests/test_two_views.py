@@ -61,14 +61,15 @@ def test_unreadable_files_are_skipped_counted_and_reported_once(cifar_folder, tm
     assert [Path(base.path(i)).name for i in (1, 2)] == ["1.jpg", "2.png"]
     views = TwoViews(base, mocov2_transform(16), on_bad_image="skip")
     with caplog.at_level(logging.WARNING, logger="lowmem_moco.data.two_views"):
-        q, k, skipped = views[(1, 0)]
-        assert skipped == 2 and q.shape == (3, 16, 16)
+        q, k, replaced = views[(1, 0)]  # 1.jpg and 2.png unreadable: 3.png stands in
+        assert replaced == 1 and q.shape == (3, 16, 16)
         assert views[(2, 0)][2] == 1 and views[(0, 0)][2] == 0
-        assert views[(1, 5)][2] == 2  # known-bad files are still counted as skipped
+        assert views[(1, 5)][2] == 1  # known-bad files are still counted
     warned = [r.getMessage() for r in caplog.records]
-    assert len(warned) == 2 and "1.jpg" in warned[0] and "2.png" in warned[1]
+    assert warned == [f"skipped {base.path(1)}: truncated JPEG",
+                      f"skipped {base.path(2)}: not an image (or too damaged to tell its format)"]
     batch = next(iter(DataLoader(views, batch_size=4, sampler=[(i, i) for i in range(4)])))
-    assert batch[2].tolist() == [0, 2, 1, 0]  # summable across workers by the trainer
+    assert batch[2].tolist() == [0, 1, 1, 0]  # summed by the trainer: one per unreadable file met
 
 
 def test_unreadable_file_in_error_mode_names_it(cifar_folder, tmp_path):
@@ -77,6 +78,22 @@ def test_unreadable_file_in_error_mode_names_it(cifar_folder, tmp_path):
         TwoViews(base, mocov2_transform(16), on_bad_image="error")[(1, 0)]
     with pytest.raises(DataError, match="on_bad_image"):
         TwoViews(base, mocov2_transform(16), on_bad_image="ignore")
+
+
+def test_unreadable_file_in_error_mode_is_one_line_from_a_worker_too(cifar_folder, tmp_path):
+    base = bad_folder(tmp_path, cifar_folder)
+    views = TwoViews(base, mocov2_transform(16), on_bad_image="error")
+    with pytest.raises(DataError) as caught:  # the worker's exception, rebuilt in this process
+        next(iter(DataLoader(views, batch_size=2, sampler=[(0, 0), (1, 1)], num_workers=1)))
+    assert str(caught.value) == (f"cannot read image {base.path(1)}: truncated JPEG; replace or delete the file, "
+                                 f"or set data.on_bad_image=skip to skip such files")
+
+
+def test_images_smaller_than_the_crop_are_upscaled(tmp_path):
+    root = make_folder(tmp_path / "small", {"a": 2, "b": 2})  # 8 x 8 px images
+    base = build_datasets(folder_cfg(root, val_dir=str(root))).train
+    q, k, replaced = TwoViews(base, mocov2_transform(24))[(0, 1)]
+    assert q.shape == k.shape == (3, 24, 24) and replaced == 0
 
 
 def test_eval_images_shape_label_and_skip(cifar_folder, tmp_path):

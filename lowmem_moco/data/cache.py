@@ -17,8 +17,9 @@ per split `name`:
 The manifest is written last, through a temporary file and a rename, and it is the only
 thing that points at the data files: an interrupted build is never used. It is rebuilt
 when the source's fingerprint (file list, sizes, mtimes; pixel bytes of array-backed sets;
-or a given `source_id`) or the side changes. Unreadable images are skipped and counted;
-rows are then positions in the cache, `source_indices` maps them back.
+or a given `source_id`) or the side changes. Unreadable images are skipped with a "skipped
+<path>: <reason>" line, counted and listed in the manifest (skipped_files); rows are then
+positions in the cache, `source_indices` maps them back.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -38,11 +40,13 @@ from PIL import Image
 from ..errors import DataError
 from .cache_files import commit_manifest, locked, new_build_id
 from .fingerprint import source_fingerprint
+from .images import UnreadableImageError, small_images_line, to_rgb
 from ..progress import DecodeBar
 from .ragged import RaggedImages
 
 CACHE_VERSION = 2
 _PROBE = 16  # images looked at to estimate the cache's size before building it
+_SKIP_LINES = 20  # "skipped <path>" lines printed by a build; the manifest lists them all
 
 
 def shorter_side(image_size: int, min_crop_scale: float = 0.2) -> int:
@@ -53,8 +57,7 @@ def shorter_side(image_size: int, min_crop_scale: float = 0.2) -> int:
 def fit_shorter_side(image: Image.Image, side: int) -> np.ndarray:
     """(H, W, 3) uint8, the whole image, shrunk (Pillow's antialiased bilinear) so its shorter
     side is at most `side`; aspect ratio kept, never enlarged."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    image = to_rgb(image)  # as the per-image path: a set's load() may give any mode
     width, height = image.size
     if min(width, height) > side:
         scale = side / min(width, height)
@@ -76,28 +79,23 @@ def estimated_bytes(images, side: int) -> int:
 
 
 class _Decode(torch.utils.data.Dataset):
-    """Index -> (index, (H, W, 3) array or None if unreadable), for decoding in DataLoader workers."""
+    """Index -> (index, (H, W, 3) array, None) or, if unreadable, (index, None, ("skipped <path>: <reason>",
+    the error message)), for decoding in DataLoader workers; the builder raises or skips."""
 
-    def __init__(self, images, side: int, fail: bool):
-        self.images, self.side, self.fail = images, side, fail
+    def __init__(self, images, side: int):
+        self.images, self.side = images, side
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
         try:
-            return i, fit_shorter_side(self.images.load(i), self.side)
-        except Exception as err:
-            if self.fail and isinstance(err, DataError):  # already names the file and the fix
-                raise
-            if self.fail:
-                raise DataError(f"image {i} of the data set cannot be read ({err}); fix or remove it, "
-                                f"or set data.on_bad_image=skip") from None
-            return i, None
-
-
-def _keep(items):
-    return items  # a list of (index, array or None): no stacking, bad images stay visible
+            return i, fit_shorter_side(self.images.load(i), self.side), None
+        except UnreadableImageError as err:  # names the file and the fix
+            return i, None, (err.skipped_line, str(err))
+        except Exception as err:  # a set without files (e.g. drawn on the fly)
+            return i, None, (f"skipped image {i}: {type(err).__name__}: {err}", f"image {i} of the data set "
+                             f"cannot be read ({err}); fix or remove it, or set data.on_bad_image=skip")
 
 
 class DecodedCache:
@@ -116,6 +114,13 @@ class DecodedCache:
 
     def __len__(self) -> int:
         return self.manifest["count"]
+
+    def small_images(self, image_size: int) -> Optional[str]:
+        """The warning line for cached images below `image_size` px on their shorter side, or None;
+        exact and free: images that small were never shrunk, so the stored shapes are their own."""
+        sides = self.shapes.min(axis=1)  # (count,)
+        small = sides[sides < image_size]
+        return small_images_line(len(small), len(self), image_size, int(small.min())) if len(small) else None
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({len(self)} images, shorter side <= {self.shorter_side}px, "
@@ -165,12 +170,17 @@ class DecodedCache:
         side = side or shorter_side(image_size, min_crop_scale)
         stem = f"{name}-{side}px"
         with locked(directory / f"{stem}.lock"):
-            found = cls.open(directory, stem, fingerprint, side)
-            if found is not None:
-                return found
-            manifest = _build(images, directory, stem, fingerprint, side, on_bad_image == "error",
-                              num_workers, progress)
-            return cls(directory, manifest)
+            cache = cls.open(directory, stem, fingerprint, side)
+            if cache is None:
+                cache = cls(directory, _build(images, directory, stem, fingerprint, side, on_bad_image == "error",
+                                              num_workers, progress))
+            elif cache.skipped and progress:  # a cache hit repeats what its build said
+                print(f"{cache.skipped} unreadable images were skipped when {directory / stem}.json was built "
+                      f"(listed there under skipped_files)")
+        note = cache.small_images(image_size)
+        if note and progress:
+            warnings.warn(note, stacklevel=2)
+        return cache
 
     @classmethod
     def open(cls, directory: str | Path, stem: str, fingerprint: str, side: int) -> Optional["DecodedCache"]:
@@ -231,28 +241,36 @@ def _build(images, directory: Path, stem: str, fingerprint: str, side: int, fail
         num_workers = min(8, os.cpu_count() or 1) if total >= 2000 else 0
     index = np.empty((total, 5), dtype=np.int64)
     targets = np.asarray(images.targets, dtype=np.int64)
-    decoder = torch.utils.data.DataLoader(_Decode(images, side, fail), batch_size=64, num_workers=num_workers,
-                                          collate_fn=_keep)
+    decoder = torch.utils.data.DataLoader(_Decode(images, side), batch_size=64, num_workers=num_workers,
+                                          collate_fn=list)  # no stacking: sizes differ
     count = offset = 0
+    skipped_files = []  # "skipped <path>: <reason>" lines
     with DecodeBar(progress, total, f"decoding {total} images, shorter side <= {side}px ({directory})") as bar, \
             open(directory / pixels_file, "wb") as out:
         for items in decoder:
-            for i, array in items:
+            for i, array, problem in items:
                 if array is not None:  # images are written densely, in source order
                     out.write(array.tobytes())
                     index[count] = (i, targets[i], offset, array.shape[0], array.shape[1])
                     offset, count = offset + array.size, count + 1
+                elif fail:  # raised here, not in a worker: one line, whatever num_workers
+                    raise DataError(problem[1])
+                else:
+                    skipped_files.append(problem[0])
+                    if len(skipped_files) <= _SKIP_LINES:  # the rest are counted below
+                        bar.print(problem[0])
             bar.advance(len(items))
     if count == 0:
-        raise DataError(f"none of the {total} images could be read; check the data folder")
+        raise DataError(f"none of the {total} images could be read ({skipped_files[0]}); check the data folder")
     np.save(directory / index_file, index[:count])
     manifest = dict(version=CACHE_VERSION, fingerprint=fingerprint, shorter_side=side, layout="HWC uint8, flat",
                     count=count, source_count=total, skipped=total - count, pixel_bytes=offset,
                     bytes_per_image=round((offset + index[:count].nbytes) / count),
                     median_sides=[int(v) for v in np.median(np.sort(index[:count, 3:5], axis=1), axis=0)],
                     classes=list(getattr(images, "classes", [])), pixels_file=pixels_file, index_file=index_file,
-                    build_seconds=round(time.perf_counter() - started, 1))
+                    build_seconds=round(time.perf_counter() - started, 1), skipped_files=skipped_files)
     commit_manifest(directory, stem, manifest, keep=(pixels_file, index_file))  # the switch, then old builds go
-    if total - count:
-        bar.print(f"{total - count} unreadable images skipped while caching")
+    if skipped_files:
+        bar.print(f"{len(skipped_files)} of {total} images skipped as unreadable while caching "
+                  f"(listed under skipped_files in {directory / stem}.json)")
     return manifest

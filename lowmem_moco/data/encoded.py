@@ -123,10 +123,6 @@ class _Encode(torch.utils.data.Dataset):
             return i, None, (name, decoder_message(err)[:200])
 
 
-def _keep(items):
-    return items
-
-
 class EncodedCache(EncodedStore):
     """The encoded copy of a LabelledImages set: each image's file bytes, labels and source indices."""
 
@@ -220,7 +216,7 @@ def _build(images, directory: Path, stem: str, fingerprint: str, side: int, fail
     index = np.empty((total, 7), dtype=np.int64)
     targets = np.asarray(images.targets, dtype=np.int64)
     encoder = torch.utils.data.DataLoader(_Encode(images, side, fail), batch_size=32, num_workers=num_workers,
-                                          collate_fn=_keep)
+                                          collate_fn=list)  # no stacking: sizes differ
     count = offset = 0
     done, bad = Counter(), []
     with DecodeBar(progress, total, f"checking and packing {total} encoded images ({directory})") as bar, \

@@ -4,11 +4,14 @@ train/val split. `sources.build_datasets` makes them; `two_views` turns them int
 
 from __future__ import annotations
 
+import os
+import re
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..errors import DataError
@@ -40,13 +43,42 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
 
 
+def unreadable_reason(err: BaseException, path: str, image_format: str | None = None) -> str:
+    """A few words on why a file could not be decoded, e.g. "truncated JPEG", "not an image".
+    `image_format` is PIL's name for it when its header was read, else its extension's."""
+    text = str(err)
+    if isinstance(err, FileNotFoundError):
+        return "file not found"
+    if isinstance(err, PermissionError):
+        return "no permission to read it"
+    if isinstance(err, Image.DecompressionBombError):  # larger than PIL.Image.MAX_IMAGE_PIXELS allows
+        return f"too many pixels ({text})"
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image (or too damaged to tell its format)"
+    kind = image_format or Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "image")
+    if "truncated" in text.lower():  # PIL: "image file is truncated (N bytes not processed)"
+        return f"truncated {kind}"
+    return f"damaged {kind} ({type(err).__name__}: {text})"
+
+
 class UnreadableImageError(DataError):
     """An image file that cannot be decoded (missing, truncated, corrupt or not an image)."""
 
-    def __init__(self, path: str, reason: str):
-        self.path = path
-        super().__init__(f"cannot read image {path} ({reason}); replace or delete the file, "
+    def __init__(self, path: str, reason: str | None = None):
+        if reason is None:  # re-raised from a DataLoader worker, which passes its traceback as one string:
+            message = path.rstrip().rsplit("\n", 1)[-1].split("UnreadableImageError: ", 1)[-1]  # our line
+            found = re.fullmatch(r"cannot read image (.+?): (.+?); replace or delete .*", message)
+            self.path, self.reason = found.groups() if found else ("", message)
+            super().__init__(message)
+            return
+        self.path, self.reason = path, reason
+        super().__init__(f"cannot read image {path}: {reason}; replace or delete the file, "
                          f"or set data.on_bad_image=skip to skip such files")
+
+    @property
+    def skipped_line(self) -> str:
+        """The one line a skipped file gets: 'skipped <path>: <reason>'."""
+        return f"skipped {self.path}: {self.reason}"
 
 
 # ---------------------------------------------------------------- labelled image sets
@@ -69,6 +101,20 @@ class LabelledImages(Dataset):
 
     def subset(self, indices: Sequence[int]) -> "LabelledImages":
         raise NotImplementedError
+
+    # Whether shorter_sides() of every image costs next to nothing (no file is opened).
+    sizes_are_free = False
+
+    def shorter_sides(self, positions: Sequence[int]) -> np.ndarray:
+        """Shorter side in px of the images at `positions` (-1 where unreadable), as cheaply as
+        the set allows: file-backed sets read only the file headers."""
+        sides = np.full(len(positions), -1, dtype=np.int64)
+        for n, i in enumerate(positions):
+            try:
+                sides[n] = min(self.load(int(i)).size)
+            except DataError:
+                pass
+        return sides
 
     def _position(self, i: int) -> int:
         return range(len(self))[i]  # IndexError for out-of-range, like a list
@@ -106,14 +152,25 @@ class FileImages(LabelledImages):
         return self.paths[self._position(i)]
 
     def load(self, i: int) -> Image.Image:
-        path = self.path(i)
+        path, image_format = self.path(i), None
         try:
             with open(path, "rb") as file:
                 image = Image.open(file)
+                image_format = image.format
                 image.load()  # decode now, so truncated files fail here and not in a transform
             return to_rgb(image)
         except Exception as err:  # decoders raise OSError, SyntaxError, ValueError, zlib.error, ...
-            raise UnreadableImageError(path, f"{type(err).__name__}: {err}") from err
+            raise UnreadableImageError(path, unreadable_reason(err, path, image_format)) from err
+
+    def shorter_sides(self, positions: Sequence[int]) -> np.ndarray:
+        sides = np.full(len(positions), -1, dtype=np.int64)
+        for n, i in enumerate(positions):
+            try:
+                with Image.open(self.path(int(i))) as image:  # reads the header only, no pixels
+                    sides[n] = min(image.size)
+            except Exception:  # unreadable: reported when it is loaded
+                pass
+        return sides
 
     def subset(self, indices: Sequence[int]) -> "FileImages":
         indices = [self._position(i) for i in indices]
@@ -134,8 +191,13 @@ class ArrayImages(LabelledImages):
         if len(self.targets) != len(self.index):
             raise ValueError(f"{len(self.targets)} targets for {len(self.index)} images")
 
+    sizes_are_free = True  # one array: every image has its shape
+
     def load(self, i: int) -> Image.Image:
         return Image.fromarray(self.array[self.index[self._position(i)]])
+
+    def shorter_sides(self, positions: Sequence[int]) -> np.ndarray:
+        return np.full(len(positions), min(self.array.shape[1:3]), dtype=np.int64)
 
     def subset(self, indices: Sequence[int]) -> "ArrayImages":
         indices = [self._position(i) for i in indices]
@@ -150,6 +212,47 @@ class DataSplits:
     val: LabelledImages | None
     classes: list[str]
 
+
+
+# ---------------------------------------------------------------- images smaller than the crop
+
+# Images whose headers are read to count those smaller than the crop; larger sets are sampled
+# evenly. A header took 45-65 us (CIFAR JPEGs in the page cache, a busy 2-core CPU): under a
+# second for 10,000; at that rate ImageNet's 1.28M would hold up the start for over a minute.
+SIZE_SAMPLE = 10_000
+
+
+def small_images_line(count: int, total: int, image_size: int, smallest: int, sampled: int | None = None) -> str:
+    """The one warning line for images whose shorter side is below the crop size."""
+    if sampled is None:
+        head = f"{count} of {total} images are"
+    else:
+        head = f"about {round(count / sampled * total)} of {total} images ({count} of {sampled} looked at) are"
+    return (f"{head} smaller than {image_size} px on their shorter side (the smallest: {smallest} px): their "
+            f"crops are upscaled; lower data.image_size if that is most of them")
+
+
+def small_images_report(images: LabelledImages, image_size: int, sample: int = SIZE_SAMPLE) -> str | None:
+    """small_images_line() for the images below `image_size` px on their shorter side; None if none.
+
+    Exact when sizes are free or the set has at most `sample` images; else an estimate from
+    `sample` images spread evenly through the set (so through every class).
+    """
+    total = len(images)
+    exact = images.sizes_are_free or total <= sample
+    positions = np.arange(total) if exact else np.linspace(0, total - 1, sample).round().astype(np.int64)
+    sides = images.shorter_sides(positions)
+    small = sides[(sides >= 0) & (sides < image_size)]
+    if not len(small):
+        return None
+    return small_images_line(len(small), total, image_size, int(small.min()), None if exact else len(positions))
+
+
+def warn_small_images(images: LabelledImages, image_size: int) -> None:
+    """One warning line, when some images are smaller than the crop (see small_images_report)."""
+    note = small_images_report(images, image_size)
+    if note:
+        warnings.warn(note, stacklevel=2)
 
 
 # ---------------------------------------------------------------- splits

@@ -25,7 +25,7 @@ from .batched_augment import BatchedMoCoV2
 from .cache_choice import open_image_store
 from ..config import Config
 from .encoded_store import EncodedStore
-from .images import LabelledImages
+from .images import LabelledImages, warn_small_images
 from .lazy_views import BatchedView, CopiedView
 from .two_views import TwoViews
 
@@ -87,6 +87,8 @@ class Pipeline:
 class PerImagePipeline(Pipeline):
     def __init__(self, images: LabelledImages, cfg: Config, device: torch.device, rank: int = 0, world: int = 1):
         super().__init__(cfg, device, rank, world)
+        if rank == 0:  # one line per run, not per process; the decoded cache says it from its shapes
+            warn_small_images(images, cfg.data.image_size)
         self.views = TwoViews(images, mocov2_transform(cfg.data.image_size, cfg.augment), cfg.data.on_bad_image)
 
     def __len__(self) -> int:

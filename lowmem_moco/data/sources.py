@@ -12,9 +12,12 @@ Every user mistake raises `DataError` with one sentence saying what is wrong and
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tarfile
 import urllib.request
+import warnings
+from collections import Counter
 from pathlib import Path
 
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
@@ -28,6 +31,9 @@ from .synthetic import synthetic_source
 log = logging.getLogger(__name__)
 
 LAYOUT = "<folder>/<class>/<image>.jpg"
+# What a folder scan reads: torchvision's ImageFolder list and GIF (its first frame). Every
+# format is decoded by PIL on the per-image path and into the decoded cache alike.
+IMAGE_EXTENSIONS = tuple(IMG_EXTENSIONS) + (".gif",)
 
 
 # fast.ai's 160-px archives. Full-file md5s: imagenette's as in torchvision.datasets.Imagenette,
@@ -65,7 +71,7 @@ def _image_folder(directory: Path, setting: str, classes: list[str] | None = Non
         if not entries:
             raise DataError(f"image folder {directory} is empty; put one sub-folder of images per class in it "
                             f"({directory}/<class>/<image>.jpg)")
-        if any(has_file_allowed_extension(e.name, IMG_EXTENSIONS) for e in entries):
+        if any(has_file_allowed_extension(e.name, IMAGE_EXTENSIONS) for e in entries):
             raise DataError(f"{directory} holds images but no class sub-folders; move them into one sub-folder "
                             f"per class ({directory}/<class>/<image>.jpg; a single class folder is fine)")
         raise DataError(f"{directory} has no class sub-folders; put one sub-folder of images per class in it "
@@ -82,22 +88,40 @@ def _image_folder(directory: Path, setting: str, classes: list[str] | None = Non
     empty = [name for name in names if class_to_idx[name] not in present]
     if empty:
         raise DataError(f"class folder(s) {_few(empty)} in {directory} hold no images "
-                        f"({', '.join(IMG_EXTENSIONS)}); add images to them or remove them")
+                        f"({', '.join(IMAGE_EXTENSIONS)}); add images to them or remove them")
     return FileImages([path for path, _ in samples], [target for _, target in samples], classes)
 
 
 def _list_images(directory: Path, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
-    """(path, class index) of every image, with empty classes simply contributing nothing."""
+    """(path, class index) of every image, with empty classes simply contributing nothing.
+
+    Hidden files and folders (.DS_Store, macOS's ._name.jpg copies, .ipynb_checkpoints) and
+    files of other types are ignored, with one warning that counts them by kind.
+    """
+    root = len(os.path.expanduser(str(directory)))  # make_dataset's paths start with it
+    ignored: Counter = Counter()  # kind ("hidden", ".txt", ...) -> files
+
+    def is_image(path: str) -> bool:
+        hidden = os.sep + "." in path[root:]
+        if not hidden and has_file_allowed_extension(path, IMAGE_EXTENSIONS):
+            return True
+        ignored["hidden" if hidden else os.path.splitext(path)[1].lower() or "no extension"] += 1
+        return False
+
     try:
-        return make_dataset(str(directory), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        samples = make_dataset(str(directory), class_to_idx, is_valid_file=is_image, allow_empty=True)
     except TypeError:  # torchvision < 0.17: no allow_empty, and an empty class raises
         samples = []
         for name, index in class_to_idx.items():
             try:
-                samples += make_dataset(str(directory), {name: index}, extensions=IMG_EXTENSIONS)
+                samples += make_dataset(str(directory), {name: index}, is_valid_file=is_image)
             except FileNotFoundError:
                 pass
-        return samples
+    if ignored:
+        kinds = _few([f"{count} {kind}" for kind, count in sorted(ignored.items(), key=lambda kc: (-kc[1], kc[0]))])
+        warnings.warn(f"ignored {sum(ignored.values())} files in {directory} that are not images or are hidden "
+                      f"({kinds}); images are files ending {' '.join(IMAGE_EXTENSIONS)}", stacklevel=2)
+    return samples
 
 
 def _few(names: list[str], limit: int = 5) -> str:

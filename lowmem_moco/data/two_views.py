@@ -4,7 +4,9 @@
     train = TwoViews(splits.train, mocov2_transform(size), cfg.data.on_bad_image)
     val = EvalImages(splits.val, size)       # (image, label) for kNN features
 
-An unreadable file is skipped (the next readable image is used) or raised, per data.on_bad_image.
+An unreadable file is skipped (the next readable image is used, with one "skipped <path>:
+<reason>" line per file) or raised, per data.on_bad_image. Each sample says whether it was
+replaced, so the trainer's bad_images count per epoch is the number of unreadable files met.
 """
 
 from __future__ import annotations
@@ -24,26 +26,36 @@ log = logging.getLogger(__name__)
 
 
 _warned: set[str] = set()  # unreadable files already reported by this process
+_MAX_SKIP_LINES = 20  # per process (a DataLoader worker lives one epoch): a broken folder is not a flood
+
+
+def _report_skip(err: UnreadableImageError) -> None:
+    if err.path in _warned or len(_warned) > _MAX_SKIP_LINES:
+        return
+    _warned.add(err.path)
+    if len(_warned) > _MAX_SKIP_LINES:
+        log.warning("more unreadable images skipped: the epoch line's bad_images counts them all")
+    else:
+        log.warning("%s", err.skipped_line)
 
 
 def _load_readable(base: LabelledImages, index: int, on_bad_image: str, known_bad: set[int]
                    ) -> tuple[Image.Image, int, int]:
-    """(image, index actually used, files skipped): `index`, or the next readable one after it."""
+    """(image, index actually used, 1 if `index` was unreadable else 0): `index`, or the next
+    readable one after it."""
     last: UnreadableImageError | None = None
-    for skipped in range(len(base)):
-        i = (index + skipped) % len(base)
+    for offset in range(len(base)):
+        i = (index + offset) % len(base)
         if i in known_bad:
             continue
         try:
-            return base.load(i), i, skipped
+            return base.load(i), i, int(offset > 0)
         except UnreadableImageError as err:
             if on_bad_image == "error":
                 raise
             known_bad.add(i)
             last = err
-            if err.path not in _warned:
-                _warned.add(err.path)
-                log.warning("skipping unreadable image %s (%s)", err.path, err.__cause__)
+            _report_skip(err)
     where = f" (e.g. {last.path})" if last else ""
     raise DataError(f"none of the {len(base)} images could be read{where}; check that the data folder holds images")
 
