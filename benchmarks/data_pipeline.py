@@ -37,6 +37,7 @@ from lowmem_moco.data.batched_augment import BatchedMoCoV2
 from lowmem_moco.data.cache import DecodedCache
 from lowmem_moco.data.images import FileImages
 from lowmem_moco.data.two_views import TwoViews
+from lowmem_moco.data.loader import make_loader
 
 TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 WORK_DIR = Path(tempfile.gettempdir()) / "lowmem_moco_bench"
@@ -156,7 +157,7 @@ def measure_pipeline(image_size: int, images: int = 5000, batch: int = 256, n_ba
                   workers=workers, cpu_threads=torch.get_num_threads())
 
     views = TwoViews(data, mocov2_transform(image_size), "skip")  # the training loader's data set
-    loader = torch.utils.data.DataLoader(views, batch_sampler=keys, num_workers=workers)
+    loader = make_loader(views, workers=workers, batch_sampler=keys)
     result["per_image"] = images_per_second(loader, n_batches, batch)
 
     started = time.perf_counter()

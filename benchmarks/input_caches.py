@@ -35,6 +35,7 @@ from lowmem_moco.data.cache import DecodedCache
 from lowmem_moco.data.encoded import EncodedCache
 from lowmem_moco.data.encoded_store import SourceFiles
 from lowmem_moco.data.two_views import TwoViews
+from lowmem_moco.data.loader import make_loader
 
 from .data_pipeline import TARBALL, WORK_DIR, _keys, cifar_subset, composed_photos, folder_images, images_per_second
 
@@ -75,8 +76,7 @@ def measure_caches(image_size: int, images: int = 1000, batch: int = 128, n_batc
     keys = _keys(len(data), batch, n_batches)
     r = dict(image_size=image_size, images=len(data), batch=batch, batches=n_batches, workers=workers, rounds=rounds,
              source=str(root), cpu=cpu_name(), cpu_threads=torch.get_num_threads())
-    loader = torch.utils.data.DataLoader(TwoViews(data, mocov2_transform(image_size), "skip"), batch_sampler=keys,
-                                         num_workers=workers)
+    loader = make_loader(TwoViews(data, mocov2_transform(image_size), "skip"), workers=workers, batch_sampler=keys)
     stores = {}
     for name, kind in (("decoded", DecodedCache), ("encoded", EncodedCache)):
         started = time.perf_counter()

@@ -37,7 +37,9 @@ MiB = 2**20
 SMALL_BACKBONE = ("resnet18", {"channels": [8, 16, 32, 64]})  # ResNet-18 at 1/8 of its width
 
 
-def step_config(image_size: int, batch: int, micro_batch: int, key_chunks: int = 8) -> Config:
+def step_config(image_size: int, batch: int, micro_batch: int) -> Config:
+    """Key chunks as large as the micro-batch, as with one GPU per micro-batch in the 8-GPU recipe."""
+    key_chunks = batch // micro_batch
     cfg = Config()
     cfg.model.arch, cfg.model.timm_kwargs = SMALL_BACKBONE
     cfg.data.image_size, cfg.data.augment = image_size, "batched"
@@ -101,7 +103,7 @@ def markdown(rows: list[dict], command: str) -> str:
     arch, kwargs = SMALL_BACKBONE
     lines = [f"# Input memory of one step: views of the whole batch vs lazy views, {datetime.date.today()}", "",
              f"`{command}` on this machine's CPU (measured: torch MemTracker over one real step, fp32, "
-             f"{arch} with timm_kwargs {kwargs}, key chunks 8, K 4096; views made by the batched "
+             f"{arch} with timm_kwargs {kwargs}, key chunks of the micro-batch's size, K 4096; views made by the batched "
              f"augmentation from 1280x1024 / 1024x1280 photos). 'planned' is the planner's fake-tensor "
              f"prediction of the same step (no augmentation scratch).", "",
              "| size | batch | micro-batch | views | peak MiB | inputs MiB | inputs share | planned MiB |",

@@ -70,9 +70,9 @@ def synthetic():
     return build_datasets(DataConfig(source="synthetic", synthetic_size=200, synthetic_classes=10))
 
 
-def write_every_mode(folder: Path) -> dict[str, "np.ndarray"]:
+def write_every_mode(folder: Path) -> dict:
     """One small image file per PIL mode and format a folder may hold; returns, per file name,
-    the (H, W, 3) uint8 pixels loading it must give: PIL's convert("RGB") for opaque images,
+    the (H, W, 3) uint8 numpy pixels loading it must give: PIL's convert("RGB") for opaque images,
     16-bit grey scaled to 8 bits, transparency composited on white."""
     import numpy as np
 

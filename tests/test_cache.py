@@ -196,7 +196,7 @@ def test_each_format_and_mode_is_cached_as_pil_converts_it(tmp_path):
 
 def truncated_folder(root):
     """make_folder's 8 images plus two truncated JPEGs (the first half of a real one's bytes)."""
-    images = make_folder(root)
+    make_folder(root)
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(root / "cat" / "whole.jpg")
     jpeg = (root / "cat" / "whole.jpg").read_bytes()

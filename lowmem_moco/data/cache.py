@@ -43,6 +43,7 @@ from .fingerprint import source_fingerprint
 from .images import UnreadableImageError, small_images_line, to_rgb
 from ..progress import DecodeBar
 from .ragged import RaggedImages
+from .loader import make_loader
 
 CACHE_VERSION = 2
 _PROBE = 16  # images looked at to estimate the cache's size before building it
@@ -151,9 +152,8 @@ class DecodedCache:
                transform: Optional[Callable] = None) -> torch.utils.data.DataLoader:
         """Batches for the positions that `batch_sampler` yields (lists of positions or of
         (position, seed) keys), as (RaggedImages, targets, seeds); one worker reads ahead."""
-        # A private generator for the workers' base seed keeps the global RNG out of the data path.
-        return torch.utils.data.DataLoader(CachedBatches(self, transform), sampler=batch_sampler, batch_size=None,
-                                           num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator())
+        return make_loader(CachedBatches(self, transform), workers=num_workers, pin_memory=pin_memory,
+                           sampler=batch_sampler, batch_size=None)
 
     # ------------------------------------------------------------------ finding or building
 
@@ -241,8 +241,7 @@ def _build(images, directory: Path, stem: str, fingerprint: str, side: int, fail
         num_workers = min(8, os.cpu_count() or 1) if total >= 2000 else 0
     index = np.empty((total, 5), dtype=np.int64)
     targets = np.asarray(images.targets, dtype=np.int64)
-    decoder = torch.utils.data.DataLoader(_Decode(images, side), batch_size=64, num_workers=num_workers,
-                                          collate_fn=list)  # no stacking: sizes differ
+    decoder = make_loader(_Decode(images, side), workers=num_workers, ragged=True, batch_size=64)
     count = offset = 0
     skipped_files = []  # "skipped <path>: <reason>" lines
     with DecodeBar(progress, total, f"decoding {total} images, shorter side <= {side}px ({directory})") as bar, \

@@ -52,6 +52,7 @@ from .encoded_images import PIL_FALLBACK, EncodedImages, decoder_message, is_jpe
 from .encoded_store import EncodedStore, positions_of, source_bytes
 from .fingerprint import source_fingerprint
 from .images import UnreadableImageError
+from .loader import make_loader
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +216,7 @@ def _build(images, directory: Path, stem: str, fingerprint: str, side: int, fail
         num_workers = min(8, os.cpu_count() or 1) if total >= 500 else 0
     index = np.empty((total, 7), dtype=np.int64)
     targets = np.asarray(images.targets, dtype=np.int64)
-    encoder = torch.utils.data.DataLoader(_Encode(images, side, fail), batch_size=32, num_workers=num_workers,
-                                          collate_fn=list)  # no stacking: sizes differ
+    encoder = make_loader(_Encode(images, side, fail), workers=num_workers, ragged=True, batch_size=32)
     count = offset = 0
     done, bad = Counter(), []
     with DecodeBar(progress, total, f"checking and packing {total} encoded images ({directory})") as bar, \

@@ -25,6 +25,7 @@ import torch
 
 from .encoded_images import EncodedImages
 from .ragged import RaggedImages
+from .loader import make_loader
 
 
 def source_bytes(images, i: int) -> tuple[bytes, Optional[str]]:
@@ -71,10 +72,8 @@ class EncodedStore:
         decode = decode or ("device" if pin_memory else "workers")
         if decode not in ("device", "workers"):
             raise ValueError(f"decode must be 'device' or 'workers', not {decode!r}")
-        # A private generator for the workers' base seed keeps the global RNG out of the data path.
-        return torch.utils.data.DataLoader(EncodedBatches(self, decode == "workers", transform), sampler=batch_sampler,
-                                           batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                           generator=torch.Generator())
+        return make_loader(EncodedBatches(self, decode == "workers", transform), workers=num_workers,
+                           pin_memory=pin_memory, sampler=batch_sampler, batch_size=None)
 
 
 class EncodedBatches(torch.utils.data.Dataset):

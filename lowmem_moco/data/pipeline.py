@@ -28,6 +28,7 @@ from .encoded_store import EncodedStore
 from .images import LabelledImages, warn_small_images
 from .lazy_views import BatchedView, CopiedView
 from .two_views import TwoViews
+from .loader import make_loader
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -69,11 +70,6 @@ class Pipeline:
         t = self.cfg.train
         return EpochBatches(len(self), t.batch_size, t.seed, epoch, start, self.rank, self.world)
 
-    def _loader(self, dataset, workers: int, **kw) -> torch.utils.data.DataLoader:
-        # A private generator for the workers' base seed keeps the global RNG out of the data path.
-        return torch.utils.data.DataLoader(dataset, num_workers=workers, pin_memory=self.device.type == "cuda",
-                                           generator=torch.Generator(), **kw)
-
     def preview(self, indices: list[int], epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Views q and k (N, 3, S, S), float in [0, 1], unnormalised, of samples `indices` as
         training makes them in `epoch` (same data, augmentation and per-sample seeds)."""
@@ -95,7 +91,8 @@ class PerImagePipeline(Pipeline):
         return len(self.views)
 
     def epoch(self, epoch: int, start: int) -> Iterator[tuple[CopiedView, CopiedView, int]]:
-        loader = self._loader(self.views, self.cfg.data.workers, batch_sampler=self._sampler(epoch, start))
+        loader = make_loader(self.views, workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda",
+                             batch_sampler=self._sampler(epoch, start))
         for view_q, view_k, skipped in loader:  # Bx3xSxS each, on the host
             yield CopiedView(view_q, self.device, self.memory_format), \
                 CopiedView(view_k, self.device, self.memory_format), int(skipped.sum())

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import DataError
 from .augment import eval_transform
 from .images import LabelledImages, UnreadableImageError
+from .loader import make_loader
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,5 @@ def eval_loader(cfg, images: LabelledImages, batch_size: int, *, transform: Call
     """
     transform = transform or eval_transform(cfg.data.image_size, cfg.augment.mean, cfg.augment.std)
     views = EvalImages(images, cfg.data.image_size, cfg.data.on_bad_image, transform)
-    generator = torch.Generator() if seed is None else torch.Generator().manual_seed(seed)
-    return DataLoader(views, batch_size=batch_size, shuffle=shuffle, num_workers=cfg.data.workers,
-                      pin_memory=pin_memory, generator=generator)
+    return make_loader(views, workers=cfg.data.workers, pin_memory=pin_memory, seed=seed, batch_size=batch_size,
+                       shuffle=shuffle)
