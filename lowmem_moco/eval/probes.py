@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.utils import accuracy
 from torch import Tensor, nn
 
 from ..optim import cosine_decay
@@ -111,18 +112,12 @@ def knn_predict(
 
 
 def topk_accuracy(scores: Tensor, labels: Tensor, ks=(1, 5)) -> dict:
-    """Top-k accuracy in percent for each k, as `{"top1": ..., "top5": ...}`.
-
-    A k larger than the number of classes is clipped (and so scores 100%).
-    """
+    """Top-k accuracy in percent for each k, as `{"top1": ..., "top5": ...}` (timm.utils.accuracy,
+    computed in float32; a k larger than the number of classes is clipped, and so scores 100%)."""
     if scores.shape[0] != labels.shape[0] or scores.shape[0] == 0:
         raise ValueError("need one label per score row and at least one row")
-    labels = labels.to(scores.device).long()
-    max_k = min(max(ks), scores.shape[1])
-    top = scores.topk(max_k, dim=1).indices  # [N, max_k], best first
-    hits = top.eq(labels[:, None])
-    n = labels.shape[0]
-    return {f"top{k}": hits[:, : min(k, max_k)].any(dim=1).sum().item() * 100.0 / n for k in ks}
+    found = accuracy(scores, labels.to(scores.device).long(), topk=ks)
+    return {f"top{k}": float(value) for k, value in zip(ks, found)}
 
 
 def _ks(num_classes: int) -> tuple[int, ...]:
