@@ -9,6 +9,7 @@ import gc
 import torch
 from accelerate import Accelerator
 
+from lowmem_moco.data.lazy_views import CopiedView
 from lowmem_moco.plan.predict import view_dtype
 from lowmem_moco.train import build_model, build_step
 
@@ -26,7 +27,9 @@ def cuda_step_peaks(cfg, precision: str, checkpointing: bool, micro_batch: int) 
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     step = build_step(cfg, moco, Accelerator(mixed_precision=precision), micro_batch)
     b, s = cfg.train.batch_size, cfg.data.image_size
-    views = [torch.randn(b, 3, s, s, device=device).to(view_dtype(cfg, precision)).contiguous(memory_format=fmt)
+    # Lazy views, as the pipeline hands them over: the batch waits in host memory and the step
+    # copies one key chunk or micro-batch at a time to the GPU (what the planner plans).
+    views = [CopiedView(torch.randn(b, 3, s, s).to(view_dtype(cfg, precision)).pin_memory(), device, fmt)
              for _ in range(2)]
     generator = torch.Generator().manual_seed(1)
     try:
