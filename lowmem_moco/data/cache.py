@@ -24,10 +24,7 @@ positions in the cache, `source_indices` maps them back.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -38,7 +35,7 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
-from .cache_files import commit_manifest, locked, new_build_id
+from .cache_files import PackedEntry, commit_manifest, locked, new_build_id, start_build
 from .fingerprint import source_fingerprint
 from .images import UnreadableImageError, small_images_line, to_rgb
 from ..progress import DecodeBar
@@ -99,11 +96,13 @@ class _Decode(torch.utils.data.Dataset):
                              f"cannot be read ({err}); fix or remove it, or set data.on_bad_image=skip")
 
 
-class DecodedCache:
+class DecodedCache(PackedEntry):
     """A decoded copy of a LabelledImages set: each image's HWC uint8 pixels, labels and source indices."""
 
+    version, data_key, size_key = CACHE_VERSION, "pixels_file", "pixel_bytes"
+
     def __init__(self, directory: str | Path, manifest: dict):
-        self.directory, self.manifest = Path(directory), manifest
+        super().__init__(directory, manifest)
         self.shorter_side: int = manifest["shorter_side"]
         self.classes: list = manifest["classes"]
         self.skipped: int = manifest["skipped"]
@@ -111,7 +110,6 @@ class DecodedCache:
         self.source_indices = index[:, 0]
         self.targets = torch.from_numpy(index[:, 1].copy())
         self.offsets, self.shapes = index[:, 2], index[:, 3:5]  # (count,), (count, 2) height, width
-        self._pixels = None  # opened lazily, so that the object pickles cheaply to workers
 
     def __len__(self) -> int:
         return self.manifest["count"]
@@ -128,15 +126,10 @@ class DecodedCache:
                 f"{self.manifest['bytes_per_image']} bytes per image, {self.skipped} skipped, "
                 f"{self.directory / self.manifest['pixels_file']})")
 
-    def __getstate__(self):
-        return {**self.__dict__, "_pixels": None}
-
     @property
     def pixels(self) -> np.ndarray:
         """The flat uint8 memory map of all images' pixels (read-only)."""
-        if self._pixels is None:
-            self._pixels = np.memmap(self.directory / self.manifest["pixels_file"], dtype=np.uint8, mode="r")
-        return self._pixels
+        return self.mapped
 
     def image(self, position: int) -> np.ndarray:
         """(H, W, 3) uint8 view of one cached image."""
@@ -182,21 +175,6 @@ class DecodedCache:
             warnings.warn(note, stacklevel=2)
         return cache
 
-    @classmethod
-    def open(cls, directory: str | Path, stem: str, fingerprint: str, side: int) -> Optional["DecodedCache"]:
-        """The cache entry `stem` if it is complete and matches; None otherwise."""
-        directory = Path(directory)
-        try:
-            manifest = json.loads((directory / f"{stem}.json").read_text())
-            if (manifest.get("version"), manifest.get("fingerprint"), manifest.get("shorter_side")) != \
-                    (CACHE_VERSION, fingerprint, side):
-                return None
-            if os.path.getsize(directory / manifest["pixels_file"]) != manifest["pixel_bytes"]:
-                return None
-            return cls(directory, manifest)
-        except (OSError, ValueError, KeyError):
-            return None
-
 
 class CachedBatches(torch.utils.data.Dataset):
     """A data set whose items are whole batches: keys -> (uint8 images, targets, seeds).
@@ -230,15 +208,8 @@ def _build(images, directory: Path, stem: str, fingerprint: str, side: int, fail
     build = new_build_id()
     pixels_file, index_file = f"{stem}.{build}.pixels.u8", f"{stem}.{build}.index.npy"
     total = len(images)
-    if total == 0:
-        raise DataError("the data set to cache has no images; check the data folder")
-    need, free = estimated_bytes(images, side), shutil.disk_usage(directory).free
-    if need > free:
-        raise DataError(f"caching {total} images (shorter side <= {side}px) needs about {need / 2**30:.1f} GiB but "
-                        f"{directory} has {free / 2**30:.1f} GiB free; free some space, choose another cache "
-                        f"folder, or use data.augment=per_image")
-    if num_workers is None:  # worker start-up only pays off for larger sets
-        num_workers = min(8, os.cpu_count() or 1) if total >= 2000 else 0
+    num_workers = start_build(images, directory, estimated_bytes(images, side), f"(shorter side <= {side}px)",
+                              "choose another cache folder, or use data.augment=per_image", num_workers, 2000)
     index = np.empty((total, 5), dtype=np.int64)
     targets = np.asarray(images.targets, dtype=np.int64)
     decoder = make_loader(_Decode(images, side), workers=num_workers, ragged=True, batch_size=64)

@@ -8,12 +8,17 @@ manifest names are leftovers of an earlier or interrupted build.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from ..checkpoint import atomic_write_bytes
+from ..errors import DataError
 
 
 @contextmanager
@@ -36,6 +41,23 @@ def new_build_id() -> str:
     return uuid.uuid4().hex[:8]
 
 
+def start_build(images, directory: Path, need_bytes: int, what: str, fix: str, num_workers: Optional[int],
+                workers_from: int) -> int:
+    """Check that a build can start (images to cache, disk space for `need_bytes`) and return
+    its number of decoding workers (default: one per core, at most 8, for `workers_from`
+    images or more: worker start-up only pays off for larger sets)."""
+    total = len(images)
+    if total == 0:
+        raise DataError("the data set to cache has no images; check the data folder")
+    free = shutil.disk_usage(directory).free
+    if need_bytes > free:
+        raise DataError(f"caching {total} images {what} needs about {need_bytes / 2**30:.1f} GiB but {directory} "
+                        f"has {free / 2**30:.1f} GiB free; free some space, {fix}")
+    if num_workers is not None:
+        return num_workers
+    return min(8, os.cpu_count() or 1) if total >= workers_from else 0
+
+
 def read_manifest(directory: Path, stem: str) -> Optional[dict]:
     """The entry's manifest, or None when there is none (or it is unreadable)."""
     try:
@@ -52,3 +74,42 @@ def commit_manifest(directory: Path, stem: str, manifest: dict, keep: tuple[str,
     for old in directory.glob(f"{stem}.*.*"):
         if old.name not in keep and old.suffix != ".lock":
             old.unlink(missing_ok=True)
+
+
+class PackedEntry:
+    """A cache entry whose data is one flat uint8 file, memory-mapped on first use.
+
+    Subclasses name the manifest keys of that file and of its size, and the format version;
+    the map is never pickled, so DataLoader workers open their own."""
+
+    version: int
+    data_key: str  # manifest key: the flat file's name
+    size_key: str  # manifest key: its size in bytes
+
+    def __init__(self, directory: str | Path, manifest: dict):
+        self.directory, self.manifest = Path(directory), manifest
+        self._mapped = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_mapped": None}
+
+    @property
+    def mapped(self) -> np.ndarray:
+        """The flat uint8 memory map of the entry's data file (read-only)."""
+        if self._mapped is None:
+            self._mapped = np.memmap(self.directory / self.manifest[self.data_key], dtype=np.uint8, mode="r")
+        return self._mapped
+
+    @classmethod
+    def open(cls, directory: str | Path, stem: str, fingerprint: str, side: int, **options):
+        """The entry `stem` if it is complete and matches (version, source, side); None otherwise."""
+        manifest = read_manifest(Path(directory), stem)
+        try:
+            if manifest is None or (manifest.get("version"), manifest.get("fingerprint"),
+                                    manifest.get("shorter_side")) != (cls.version, fingerprint, side):
+                return None
+            if os.path.getsize(Path(directory) / manifest[cls.data_key]) != manifest[cls.size_key]:
+                return None
+            return cls(directory, manifest, **options)
+        except (OSError, ValueError, KeyError):
+            return None

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -47,7 +45,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from ..errors import DataError
 from ..progress import DecodeBar
 from .cache import fit_shorter_side, shorter_side
-from .cache_files import commit_manifest, locked, new_build_id, read_manifest
+from .cache_files import PackedEntry, commit_manifest, locked, new_build_id, start_build
 from .encoded_images import PIL_FALLBACK, EncodedImages, decoder_message, is_jpeg, pil_rgb
 from .encoded_store import EncodedStore, positions_of, source_bytes
 from .fingerprint import source_fingerprint
@@ -124,11 +122,14 @@ class _Encode(torch.utils.data.Dataset):
             return i, None, (name, decoder_message(err)[:200])
 
 
-class EncodedCache(EncodedStore):
+class EncodedCache(PackedEntry, EncodedStore):
     """The encoded copy of a LabelledImages set: each image's file bytes, labels and source indices."""
 
+    version, data_key, size_key = ENCODED_VERSION, "bytes_file", "data_bytes"
+
     def __init__(self, directory: str | Path, manifest: dict, on_bad_image: str = "skip"):
-        self.directory, self.manifest, self.on_bad_image = Path(directory), manifest, on_bad_image
+        super().__init__(directory, manifest)
+        self.on_bad_image = on_bad_image
         self.shorter_side: int = manifest["shorter_side"]
         self.classes: list = manifest["classes"]
         self.skipped: int = manifest["skipped"]
@@ -137,7 +138,6 @@ class EncodedCache(EncodedStore):
         self.targets = torch.from_numpy(index[:, 1].copy())
         self.offsets, self.lengths = index[:, 2], index[:, 3]  # (count,), (count,)
         self.shapes, self.jpeg = index[:, 4:6], index[:, 6].astype(bool)  # (count, 2) height, width; (count,)
-        self._data = None  # opened lazily, so that the object pickles cheaply to workers
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -145,20 +145,10 @@ class EncodedCache(EncodedStore):
                 f"{m['not_jpeg']} not JPEG, {m['reencoded']} re-encoded, {self.skipped} skipped, "
                 f"{self.directory / m['bytes_file']})")
 
-    def __getstate__(self):
-        return {**self.__dict__, "_data": None}
-
-    @property
-    def data(self) -> np.ndarray:
-        """The flat uint8 memory map of all images' encoded bytes (read-only)."""
-        if self._data is None:
-            self._data = np.memmap(self.directory / self.manifest["bytes_file"], dtype=np.uint8, mode="r")
-        return self._data
-
     def encoded(self, positions: Iterable[int]) -> EncodedImages:
         """The given rows, still encoded (one gathered copy of their bytes)."""
         rows = positions_of(positions)
-        chunks = [self.data[self.offsets[r]:self.offsets[r] + self.lengths[r]].tobytes() for r in rows]
+        chunks = [self.mapped[self.offsets[r]:self.offsets[r] + self.lengths[r]].tobytes() for r in rows]
         return EncodedImages.from_bytes(chunks, None, self.on_bad_image)
 
     @classmethod
@@ -174,27 +164,12 @@ class EncodedCache(EncodedStore):
         side = side or shorter_side(image_size, min_crop_scale)
         stem = encoded_stem(name, side)
         with locked(directory / f"{stem}.lock"):
-            found = cls.open(directory, stem, fingerprint, side, on_bad_image)
+            found = cls.open(directory, stem, fingerprint, side, on_bad_image=on_bad_image)
             if found is not None:
                 return found
             manifest = _build(images, directory, stem, fingerprint, side, on_bad_image == "error",
                               num_workers, progress)
             return cls(directory, manifest, on_bad_image)
-
-    @classmethod
-    def open(cls, directory: str | Path, stem: str, fingerprint: str, side: int,
-             on_bad_image: str = "skip") -> Optional["EncodedCache"]:
-        """The cache entry `stem` if it is complete and matches; None otherwise."""
-        manifest = read_manifest(Path(directory), stem)
-        try:
-            if manifest is None or (manifest.get("version"), manifest.get("fingerprint"),
-                                    manifest.get("shorter_side")) != (ENCODED_VERSION, fingerprint, side):
-                return None
-            if os.path.getsize(Path(directory) / manifest["bytes_file"]) != manifest["data_bytes"]:
-                return None
-            return cls(directory, manifest, on_bad_image)
-        except (OSError, ValueError, KeyError):
-            return None
 
 
 # ---------------------------------------------------------------------- the build
@@ -205,15 +180,8 @@ def _build(images, directory: Path, stem: str, fingerprint: str, side: int, fail
     started, build = time.perf_counter(), new_build_id()
     bytes_file, index_file = f"{stem}.{build}.bytes", f"{stem}.{build}.index.npy"
     total = len(images)
-    if total == 0:
-        raise DataError("the data set to cache has no images; check the data folder")
-    need, free = estimated_encoded_bytes(images, side), shutil.disk_usage(directory).free
-    if need > free:
-        raise DataError(f"caching {total} images encoded needs about {need / 2**30:.1f} GiB but {directory} has "
-                        f"{free / 2**30:.1f} GiB free; free some space, choose another data.cache_dir, "
-                        f"or set data.cache=none")
-    if num_workers is None:  # worker start-up only pays off for larger sets
-        num_workers = min(8, os.cpu_count() or 1) if total >= 500 else 0
+    num_workers = start_build(images, directory, estimated_encoded_bytes(images, side), "encoded",
+                              "choose another data.cache_dir, or set data.cache=none", num_workers, 500)
     index = np.empty((total, 7), dtype=np.int64)
     targets = np.asarray(images.targets, dtype=np.int64)
     encoder = make_loader(_Encode(images, side, fail), workers=num_workers, ragged=True, batch_size=32)
