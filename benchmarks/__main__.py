@@ -4,6 +4,7 @@
     python -m benchmarks run --arch resnet50 --image-size 224 --budget-gb 16  # GPU grid
     python -m benchmarks fit --arch resnet50 --image-size 224 --budget-gb 15  # largest micro-batch
     python -m benchmarks plan-check                                           # planner vs real CPU memory
+    python -m benchmarks compile                                              # train.compile: speed-up, compile time
     python -m benchmarks gpu [--smoke]                                        # the GPU machine's one command
 """
 
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["gpu"]:
         from .gpu import main as gpu
         return gpu(argv[1:])
+    if argv[:1] == ["compile"]:
+        from .compile_speed import main as compile_speed
+        return compile_speed(argv[1:])
     if argv[:1] == ["plan-check"]:
         from .plan_check import main as plan_check
         return plan_check(smoke="--smoke" in argv, command="python -m benchmarks " + " ".join(argv))
