@@ -12,8 +12,10 @@ were. The backward graph is normally compiled later, at the first backward; it i
 with the forward here (torch._functorch's `force_non_lazy_backward_lowering`, where this torch
 has it), so that its failures also surface before the forward has run.
 
-Each new input shape or mode compiles once more: f_q at the micro-batch (training), f_k at
-the key chunk (no autograd), and the kNN monitor's eval batches.
+A step compiles two graphs, once: f_q's at the micro-batch (forward and backward) and f_k's
+at the key chunk (forward, no autograd). Marking the batch dimension dynamic would not merge
+them, since one records autograd and the other does not. Modules in eval mode (the kNN
+monitor) run eagerly, so that its batch sizes add no compiles.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ class GuardedForward:
             fallback.fail(err)
 
     def __call__(self, *args, **kwargs):
-        if self.compiled is not None and self.fallback.reason is None:
+        # Evaluation (the kNN monitor, module.eval()) runs eagerly: its batch sizes would each
+        # compile once more, for a pass made once an epoch.
+        if self.compiled is not None and self.fallback.reason is None and self.eager.__self__.training:
             try:
                 with _backward_compiled_with_forward():
                     return self.compiled(*args, **kwargs)

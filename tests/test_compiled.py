@@ -17,13 +17,21 @@ from torch._dynamo.backends.common import aot_autograd
 
 from lowmem_moco import compiled
 from lowmem_moco.checkpoint import list_checkpoints, read_checkpoint
-from lowmem_moco.compiled import compile_encoders, is_compiled
+from lowmem_moco.compiled import CompileFallback, compile_encoders, compile_module, is_compiled
 from lowmem_moco.config import load_config
 from lowmem_moco.errors import ConfigError
 from lowmem_moco.train import Trainer, build_model, build_step
 
 TINY = ["model.arch=test_resnet", "data.image_size=32", "model.dim=16", "moco.queue_size=64", "moco.key_chunks=4",
         "moco.momentum=0.9", "train.batch_size=16", "train.micro_batch_size=8"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from an empty cache (dynamo keeps compiled code per Python function)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 @pytest.fixture
@@ -93,12 +101,20 @@ def test_compiling_in_place_keeps_parameters_keys_and_copies_apart():
     assert all(a is b for a, b in zip(moco.encoder_k.parameters(), k_params))
     twin = copy.deepcopy(moco.encoder_q.backbone)
     assert is_compiled(twin) and twin.forward.eager.__self__ is twin  # a copy runs its own weights
+    assert twin.forward.compiled is not moco.encoder_q.backbone.forward.compiled
+
+
+def test_modules_in_eval_mode_run_eagerly_without_compiling():
+    backbone = build_model(load_config(None, TINY), torch.device("cpu")).encoder_q.backbone
+    fallback = CompileFallback()
+    compile_module(backbone, fallback, backend=no_compiler)
+    images = torch.randn(4, 3, 32, 32)  # 4x3x32x32
     with torch.no_grad():
-        twin.fc = torch.nn.Identity()
-        for p in twin.parameters():
-            p.add_(1.0)
-        images = torch.randn(4, 3, 32, 32)  # 4x3x32x32
-        assert not torch.equal(twin(images), moco.encoder_q.backbone(images))
+        backbone.eval()(images)  # the kNN monitor's pass: nothing compiled, so nothing failed
+        assert fallback.reason is None
+        with pytest.warns(UserWarning, match="train.compile: compiling failed"):
+            backbone.train()(images)
+    assert fallback.reason == "RuntimeError: no working C++ compiler"
 
 
 def test_train_compile_is_a_checked_boolean():
