@@ -143,17 +143,3 @@ def test_quality_report_compares_the_run_with_its_own_init_and_the_naive_step(tm
     assert all(0 <= r[k] <= 100 for r in result["rows"] for k in ("knn_top1", "linear_top1"))
     assert "| lowmem-moco | 2 |" in (tmp_path / "q.md").read_text()
 
-
-def test_compile_benchmark_compiles_one_graph_per_encoder_and_reports_it(monkeypatch, tmp_path, one_cpu_thread):
-    from benchmarks import compile_speed
-    from lowmem_moco import compiled
-
-    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")  # inductor takes minutes on this CPU
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    row = compile_speed.measure("test_resnet", 32, batch=8, micro_batch=4, key_chunks=2, steps=2)
-    # f_q at the micro-batch (with autograd) and f_k at the key chunk (without): two graphs, once each
-    assert row["graphs"] == 2
-    assert len(row["times"]["eager"]) == len(row["times"]["compiled"]) == 2
-    assert row["speedup"] == pytest.approx(row["eager_s"] / row["compiled_s"])
-    table = compile_speed.markdown([row], "python -m benchmarks compile", torch.device("cpu"))
-    assert "| test_resnet | 32 | 8 / 4 / 2 |" in table

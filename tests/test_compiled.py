@@ -64,7 +64,8 @@ def test_compiled_steps_give_the_eager_losses_and_weights(aot_eager, one_cpu_thr
         warnings.filterwarnings("error", message="train.compile")  # a fallback would hide a broken compile
         compiled_losses, model = steps("train.compile=true")
     assert is_compiled(model.encoder_q.backbone) and is_compiled(model.encoder_k.backbone)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # the compiled graphs did run
+    # f_q at the micro-batch (with autograd) and f_k at the key chunk (without): two graphs, each once
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
     reference = eager.state_dict()
     assert list(model.state_dict()) == list(reference)  # the same checkpoint keys
@@ -105,10 +106,10 @@ def test_compiling_in_place_keeps_parameters_keys_and_copies_apart():
 
 
 def test_modules_in_eval_mode_run_eagerly_without_compiling():
-    backbone = build_model(load_config(None, TINY), torch.device("cpu")).encoder_q.backbone
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     fallback = CompileFallback()
     compile_module(backbone, fallback, backend=no_compiler)
-    images = torch.randn(4, 3, 32, 32)  # 4x3x32x32
+    images = torch.randn(4, 3, 8, 8)  # 4x3x8x8
     with torch.no_grad():
         backbone.eval()(images)  # the kNN monitor's pass: nothing compiled, so nothing failed
         assert fallback.reason is None
