@@ -268,6 +268,7 @@ class Trainer:
                         f"effective batch {c.train.batch_size} is unchanged (moco.key_chunks is per process)")
         per_process = c.accum_steps // self.acc.num_processes
         return (f"MoCo v2 {c.model.arch} ({params:.1f}M params) on {self.device}, precision {self.acc.mixed_precision}"
+                f"{', backbones compiled (train.compile)' if c.train.compile else ''}"
                 f" | batch {c.train.batch_size} = {c.micro_batch} x {per_process} micro-batches"
                 f" x {self.acc.num_processes} processes"
                 f"{f' (micro-batch auto: {self.auto_micro_batch})' if self.auto_micro_batch else ''}"

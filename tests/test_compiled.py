@@ -132,6 +132,7 @@ def test_a_compiled_run_resumes_eagerly_from_the_same_checkpoint_keys(tmp_path, 
     trainer = Trainer(load_config(None, [*run, f"output_dir={tmp_path / 'compiled'}", "train.max_steps=2",
                                          "train.compile=true"]))
     assert is_compiled(trainer.moco.encoder_q.backbone) and is_compiled(trainer.moco.encoder_k.backbone)
+    assert "backbones compiled (train.compile)" in trainer._summary()
     trainer.fit()
     (eager, _), (saved, meta) = (read_checkpoint(list_checkpoints(tmp_path / d)[-1]) for d in ("eager", "compiled"))
     assert saved.keys() == eager.keys() and meta["step"] == 2
