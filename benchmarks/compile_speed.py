@@ -8,8 +8,8 @@ Both steps are the trainer's own (cells.build -> train.build_model / build_step)
 random images, with the same seed. The compiled step's first call compiles f_q's backbone
 (forward and backward, at the micro-batch) and f_k's (forward, at the key chunk); its compile
 time is that first step minus a steady compiled step. Inductor's on-disk cache starts empty
-(a fresh TORCHINDUCTOR_CACHE_DIR), so the figure is a first run's; later runs on the same
-machine reuse compiled kernels. After the first step the two steps alternate, so that a busy
+(a fresh TORCHINDUCTOR_CACHE_DIR), so the figure is a first run's; with `--cache-dir` twice,
+the second run measures a start that finds its kernels compiled. After the first step the two steps alternate, so that a busy
 machine slows both alike; the steady figures are medians.
 """
 
@@ -40,13 +40,14 @@ def _timed(step, device: torch.device) -> float:
 
 
 def measure(arch: str, image_size: int, batch: int, micro_batch: int, key_chunks: int, steps: int,
-            device: torch.device = torch.device("cpu")) -> dict:
-    """Seconds per step, eager and compiled, and what compiling cost."""
+            device: torch.device = torch.device("cpu"), cache_dir: str | None = None) -> dict:
+    """Seconds per step, eager and compiled, and what compiling cost (inductor's on-disk cache in
+    `cache_dir`; None: a new empty folder)."""
     import torch._dynamo
 
     torch._dynamo.reset()
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lowmem_moco_inductor_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir or tempfile.mkdtemp(prefix="lowmem_moco_inductor_")
     base = dict(kind="lowmem", arch=arch, image_size=image_size, micro_batch=micro_batch, batch=batch,
                 key_chunks=key_chunks, queue_size=4096)
     eager, compiled = build(Cell(**base), device), build(Cell(**base, compile=True), device)
@@ -63,7 +64,7 @@ def measure(arch: str, image_size: int, batch: int, micro_batch: int, key_chunks
                 compile_s=first_compiled - steady["compiled"], graphs=graphs, times=times)
 
 
-def markdown(rows: list[dict], command: str, device: torch.device) -> str:
+def markdown(rows: list[dict], command: str, device: torch.device, cache_dir: str | None = None) -> str:
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{os.cpu_count()}-core CPU, {torch.get_num_threads()} thread(s)")
     lines = [
@@ -71,7 +72,8 @@ def markdown(rows: list[dict], command: str, device: torch.device) -> str:
         f"Command: `{command}`", "",
         f"Machine: {machine}; torch {torch.__version__}; "
         f"{datetime.date.today().isoformat()}. The trainer's own step (K 4096, fp32); eager and compiled "
-        "steps alternate after the first, medians of the steady ones; inductor's cache empty at the start. "
+        "steps alternate after the first, medians of the steady ones; inductor's cache "
+        f"{'in ' + cache_dir if cache_dir else 'empty at the start'}. "
         f"Load average over the last minute at the end: {os.getloadavg()[0]:.1f}.", "",
         "| model | px | batch / micro / key chunks | eager step s | compiled step s | speed-up | first compiled step s "
         "| compile s | graphs compiled |",
@@ -98,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4, help="steady steps of each kind after the first")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps a shared machine's timings steady)")
+    p.add_argument("--cache-dir", default=None,
+                   help="inductor's cache folder (default: a new empty one); a second run with the same "
+                        "folder measures a warm start")
     p.add_argument("--out", type=Path, default=None,
                    help="a Markdown file (default: benchmarks/results/compile-<device>-<date>.md)")
     argv = sys.argv[1:] if argv is None else argv
@@ -107,12 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for arch in [a for a in args.archs.split(",") if a]:
         r = measure(arch, args.image_size, args.batch, args.micro_batch or args.batch, args.key_chunks, args.steps,
-                    device)
+                    device, args.cache_dir)
         print(f"{arch}: eager {r['eager_s']:.3f} s, compiled {r['compiled_s']:.3f} s ({r['speedup']:.2f}x), "
               f"compile {r['compile_s']:.1f} s, {r['graphs']} graphs", flush=True)
         rows.append(r)
     out = args.out or RESULTS / f"compile-{device.type}-{datetime.date.today().isoformat()}.md"
-    out.write_text(markdown(rows, "python -m benchmarks compile " + " ".join(argv), device))
+    out.write_text(markdown(rows, "python -m benchmarks compile " + " ".join(argv), device, args.cache_dir))
     print(f"wrote {out}")
     return 0
 

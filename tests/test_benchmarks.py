@@ -142,4 +142,3 @@ def test_quality_report_compares_the_run_with_its_own_init_and_the_naive_step(tm
         [("random init", 0), ("naive", 2), ("lowmem-moco", 2)]
     assert all(0 <= r[k] <= 100 for r in result["rows"] for k in ("knn_top1", "linear_top1"))
     assert "| lowmem-moco | 2 |" in (tmp_path / "q.md").read_text()
-
