@@ -5,6 +5,7 @@
     python -m benchmarks fit --arch resnet50 --image-size 224 --budget-gb 15  # largest micro-batch
     python -m benchmarks plan-check                                           # planner vs real CPU memory
     python -m benchmarks input-memory                                         # views' share of a step's peak
+    python -m benchmarks compile                                              # train.compile: speed-up, compile time
     python -m benchmarks gpu [--smoke]                                        # the GPU machine's one command
     python -m benchmarks caches --image-size 96 --image-size 224              # input img/s by data.cache
     python -m benchmarks highres                                              # the 1024-px recipe's img/s
@@ -98,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["caches"]:
         from .input_caches import main as caches
         return caches(argv[1:])
+    if argv[:1] == ["compile"]:
+        from .compile_speed import main as compile_speed
+        return compile_speed(argv[1:])
     if argv[:1] == ["plan-check"]:
         from .plan_check import main as plan_check
         return plan_check(smoke="--smoke" in argv, command="python -m benchmarks " + " ".join(argv))

@@ -37,6 +37,7 @@ class Cell:
     channels_last: bool = False
     queue_size: int = 4096
     small_image_stem: bool = False
+    compile: bool = False  # lowmem only: train.compile (torch.compile on both backbones)
     timed: bool = True  # False: memory only (saves time on a CPU)
 
     def __post_init__(self):
@@ -59,6 +60,8 @@ class Cell:
             parts += [f"B{self.batch}", "ckpt" if self.checkpointing else "no-ckpt", f"{self.key_chunks}ch"]
         if self.channels_last:
             parts.append("NHWC")
+        if self.compile:
+            parts.append("compiled")
         return " ".join(parts)
 
     @property
@@ -121,6 +124,7 @@ def cell_config(cell: Cell) -> Config:
     cfg.train.batch_size = cell.batch
     cfg.train.micro_batch_size = cell.micro_batch
     cfg.train.grad_checkpointing, cfg.train.channels_last = cell.checkpointing, cell.channels_last
+    cfg.train.compile = cell.compile
     return cfg
 
 

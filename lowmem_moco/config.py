@@ -4,14 +4,13 @@ defaults (schema.py), plus dotted overrides.
     cfg = load_config("recipes/demo.yaml", ["train.epochs=3", "model.arch=resnet50"])
 
 Every mistake (unknown key, wrong type, impossible combination) raises `ConfigError`
-with the key's dotted name and what to do instead. `validate` is the one place that checks
-a config's values; the schema's names are re-exported here for the modules that read them.
+with the key's dotted name and what to do instead. The checks of a config's values live in
+validation.py (re-exported here, as are the schema's names, for the modules that read them).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import dataclasses
 import difflib
 import typing
@@ -23,12 +22,14 @@ import yaml
 from .errors import ConfigError
 from .schema import (ALIASES, AUGMENT_LISTS, CHOICES, DATA_SOURCES, IMAGENET_MEAN, IMAGENET_STD, OPTIMIZERS,
                      PRECISIONS, AugmentConfig, Config, DataConfig, EvalConfig, MocoConfig, ModelConfig, TrainConfig)
+from .validation import get_key, resolve_precision, validate, validate_augment, validate_for_processes
 
 __all__ = [  # the schema, re-exported, and what this module adds
     "ALIASES", "AUGMENT_LISTS", "CHOICES", "DATA_SOURCES", "IMAGENET_MEAN", "IMAGENET_STD", "OPTIMIZERS",
     "PRECISIONS", "AugmentConfig", "Config", "DataConfig", "EvalConfig", "MocoConfig", "ModelConfig",
     "TrainConfig", "read_recipe", "parse_override", "load_config", "config_from_dict", "flat_config",
-    "config_yaml", "save_config", "get_key", "validate_augment", "validate",
+    "config_yaml", "save_config", "get_key", "validate_augment", "validate", "validate_for_processes",
+    "resolve_precision",
 ]
 
 
@@ -202,97 +203,3 @@ def config_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(config_yaml(cfg))
-
-
-# ---------------------------------------------------------------- validation
-
-
-def get_key(cfg: Config, key: str) -> Any:
-    """The value of a dotted key, e.g. get_key(cfg, "train.precision")."""
-    return functools.reduce(getattr, key.split("."), cfg)
-
-
-def _in_range(key: str, value: float, low: float, high: float, what: str) -> None:
-    if not low <= value <= high:
-        raise ConfigError(f"{key} must be {what}; got {value}")
-
-
-def validate_augment(a: AugmentConfig) -> None:
-    """One line per out-of-range augmentation parameter, naming the key and its valid range."""
-    for name, length in AUGMENT_LISTS.items():
-        if len(getattr(a, name)) != length:
-            raise ConfigError(f"augment.{name} must hold {length} numbers; got {getattr(a, name)}")
-    (s_lo, s_hi), (r_lo, r_hi), (g_lo, g_hi) = a.crop_scale, a.crop_ratio, a.blur_sigma
-    if not 0.0 < s_lo <= s_hi <= 1.0:
-        raise ConfigError(f"augment.crop_scale must be [low, high] with 0 < low <= high <= 1; got {a.crop_scale}")
-    if not 0.0 < r_lo <= r_hi:
-        raise ConfigError(f"augment.crop_ratio must be [low, high] with 0 < low <= high; got {a.crop_ratio}")
-    if not 0.0 < g_lo <= g_hi:
-        raise ConfigError(f"augment.blur_sigma must be [low, high] with 0 < low <= high; got {a.blur_sigma}")
-    for name in ("jitter_prob", "grayscale_prob", "blur_prob", "flip_prob"):
-        _in_range(f"augment.{name}", getattr(a, name), 0.0, 1.0, "a probability in [0, 1]")
-    for name, value in zip(("brightness", "contrast", "saturation"), a.jitter[:3]):
-        _in_range(f"augment.jitter ({name})", value, 0.0, float("inf"), ">= 0")
-    _in_range("augment.jitter (hue)", a.jitter[3], 0.0, 0.5, "in [0, 0.5]")
-    if a.blur_max_radius < 0:
-        raise ConfigError(f"augment.blur_max_radius must be >= 0 (0: no cap); got {a.blur_max_radius}")
-    if min(a.std) <= 0:
-        raise ConfigError(f"augment.std must be positive; got {a.std}")
-
-
-def validate(cfg: Config) -> None:
-    d, m, mo, t = cfg.data, cfg.model, cfg.moco, cfg.train
-    for key, choices in CHOICES.items():
-        value = get_key(cfg, key)
-        if value not in choices:
-            extra = ALIASES.get(key, {})
-            spelled = [str(v) for v in choices] + [v for v in extra if isinstance(v, str)]
-            raise ConfigError(f"{key} must be one of {', '.join(spelled)}; got {value!r}")
-    validate_augment(cfg.augment)
-    if d.augment == "per_image" and d.cache != "auto":
-        raise ConfigError(f"data.cache={d.cache} applies to data.augment=batched only; set that, or data.cache=auto")
-    positive = {
-        "data.image_size": d.image_size, "model.dim": m.dim, "moco.queue_size": mo.queue_size,
-        "moco.temperature": mo.temperature, "moco.key_chunks": mo.key_chunks,
-        "train.batch_size": t.batch_size, "train.epochs": t.epochs, "train.lr": t.lr,
-        "train.keep_checkpoints": t.keep_checkpoints, "train.log_every": t.log_every,
-        "data.synthetic_size": d.synthetic_size, "data.synthetic_classes": d.synthetic_classes,
-        "eval.knn_k": cfg.eval.knn_k, "eval.knn_t": cfg.eval.knn_t,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive; got {value}")
-    if not 0.0 <= mo.momentum < 1.0:
-        raise ConfigError(f"moco.momentum must be in [0, 1); got {mo.momentum} (MoCo v2 uses 0.999, CIFAR 0.99)")
-    if not 0.0 <= d.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be in [0, 1) (0: train on every image); got {d.val_fraction}")
-    if cfg.eval.knn_max_train < 0:
-        raise ConfigError(f"eval.knn_max_train must be >= 0 (0: the whole training set); got {cfg.eval.knn_max_train}")
-    auto = t.micro_batch_size == "auto"
-    if t.micro_batch_size is not None and not auto and t.micro_batch_size <= 0:
-        raise ConfigError(f"train.micro_batch_size must be positive or auto; got {t.micro_batch_size}")
-
-    batch, micro = t.batch_size, t.batch_size if auto else cfg.micro_batch
-    if micro > batch:
-        raise ConfigError(f"train.micro_batch_size ({micro}) is larger than train.batch_size ({batch}); "
-                          f"lower it to at most {batch}")
-    if batch % micro:
-        divisors = [k for k in range(1, batch + 1) if batch % k == 0 and k <= micro]
-        raise ConfigError(f"train.batch_size ({batch}) is not a multiple of train.micro_batch_size ({micro}); "
-                          f"use a micro-batch that divides it, e.g. train.micro_batch_size={divisors[-1]}")
-    if micro < 2:
-        raise ConfigError("train.micro_batch_size must be at least 2: BatchNorm needs two samples per batch")
-    if mo.key_chunks > batch:
-        raise ConfigError(f"moco.key_chunks ({mo.key_chunks}) is more than the {batch} keys of a batch; "
-                          f"use at most train.batch_size // 2 chunks (e.g. moco.key_chunks={max(1, batch // 32)})")
-    if batch % mo.key_chunks or batch // mo.key_chunks < 2:
-        raise ConfigError(f"moco.key_chunks ({mo.key_chunks}) must split train.batch_size ({batch}) into equal "
-                          f"chunks of at least 2 keys; e.g. moco.key_chunks={max(1, batch // max(micro, 2))}")
-    keys_per_step = batch * (2 if mo.symmetric else 1)
-    if mo.queue_size < keys_per_step:
-        raise ConfigError(f"moco.queue_size ({mo.queue_size}) is smaller than the {keys_per_step} keys enqueued "
-                          f"per step; raise it to at least {keys_per_step}")
-    if t.max_steps is not None and t.max_steps <= 0:
-        raise ConfigError(f"train.max_steps must be positive or null; got {t.max_steps}")
-    if t.checkpoint_every < 0 or cfg.eval.knn_every < 0:
-        raise ConfigError("train.checkpoint_every and eval.knn_every must be >= 0 (0 turns them off)")

@@ -130,6 +130,7 @@ class TrainConfig:
     precision: str = "no"  # no | fp16 | bf16
     grad_checkpointing: bool = False
     channels_last: bool = False
+    compile: bool = False  # torch.compile the backbones of f_q and f_k; eager, with one warning, if it fails
     seed: int = 0
     checkpoint_every: int = 500  # optimizer steps between checkpoints (0: epoch ends only)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk

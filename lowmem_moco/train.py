@@ -19,31 +19,19 @@ from accelerate.utils import set_seed
 
 from .backbones import backbone_plan_from_config, enable_grad_checkpointing, encoder_from_config
 from .checkpoint import export_backbone, load_latest, restore_training_state, save_checkpoint, training_state
-from .config import Config, flat_config, save_config
+from .compiled import compile_encoders
+from .config import Config, flat_config, resolve_precision, save_config, validate_for_processes
 from .data.pipeline import build_pipeline
 from .data.sources import build_datasets
 from .engine.moco import MoCo, momentum_at
 from .engine.step import MoCoStep
-from .errors import ConfigError, UserError
+from .errors import UserError
 from .eval.probes import knn_monitor
 from .optim import build_optimizer, lr_at
 from .progress import MetricsLog, Progress, peak_memory_mb, trackers
 
 
 # ------------------------------------------------------------------ set-up helpers
-
-
-def resolve_precision(requested: str) -> str:
-    if requested == "bf16" and torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        if major < 8:
-            raise ConfigError(f"train.precision=bf16 is emulated (slow) on {torch.cuda.get_device_name()} "
-                              f"(compute capability {major}.{minor} < 8.0); use train.precision=fp16")
-    if requested == "fp16" and not torch.cuda.is_available():
-        warnings.warn("train.precision=fp16 needs a CUDA GPU for speed and loss scaling; running in fp32 "
-                      "(use train.precision=bf16 for mixed precision on a CPU)", stacklevel=2)
-        return "no"
-    return requested
 
 
 def prepare_output_dir(path: Path) -> None:
@@ -71,7 +59,10 @@ def build_model(cfg: Config, device) -> MoCo:
 
 def build_step(cfg: Config, moco: MoCo, accelerator, micro_batch: int | None = None) -> MoCoStep:
     """The optimizer over f_q, prepared by `accelerator`, and the step that uses it
-    (`step.encoder_q`, `step.optimizer`: the prepared ones)."""
+    (`step.encoder_q`, `step.optimizer`: the prepared ones). With train.compile, f_q's and f_k's
+    backbones are compiled in place first (compiled.py: eager again if compiling fails)."""
+    if cfg.train.compile:
+        compile_encoders(moco)
     encoder_q, optimizer = accelerator.prepare(moco.encoder_q, build_optimizer(moco.encoder_q.parameters(), cfg))
     return MoCoStep(moco, optimizer, accelerator, micro_batch=micro_batch or cfg.micro_batch,
                     key_chunks=cfg.moco.key_chunks, temperature=cfg.moco.temperature, symmetric=cfg.moco.symmetric,
@@ -88,7 +79,9 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        precision = resolve_precision(cfg.train.precision)
+        cuda = torch.cuda.is_available()
+        precision = resolve_precision(cfg.train.precision, torch.cuda.get_device_capability() if cuda else None,
+                                      torch.cuda.get_device_name() if cuda else "")
         # No DDP buffer broadcast at each forward: the step merges BatchNorm running statistics
         # itself, to the values one process would hold (moco.merge_bn_stats).
         self.acc = Accelerator(mixed_precision=precision, log_with=trackers(cfg.train.log_with),
@@ -119,15 +112,7 @@ class Trainer:
                           "folder beside train/, data.val_dir, or CIFAR-10's test batch); give one, or set "
                           "data.val_fraction=0.1 to hold out 10% of the training images", stacklevel=2)
         world = self.acc.num_processes
-        if cfg.train.batch_size % (world * cfg.micro_batch):
-            raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must split into {world} processes x "
-                              f"micro-batches of {cfg.micro_batch}; change train.micro_batch_size")
-        # --- N processes: moco.key_chunks counts chunks of each process's share of the keys
-        share = cfg.train.batch_size // world
-        if world > 1 and (share % cfg.moco.key_chunks or share // cfg.moco.key_chunks < 2):
-            raise ConfigError(f"moco.key_chunks ({cfg.moco.key_chunks}) counts chunks per process and must split "
-                              f"each process's {share} keys into equal chunks of at least 2; "
-                              f"e.g. moco.key_chunks={max(1, share // cfg.micro_batch)}")
+        validate_for_processes(cfg, world)
         self.resumed_processes: int | None = None
         view_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
         self.pipeline = build_pipeline(self.data.train, cfg, self.device, self.acc.process_index, world,
@@ -283,6 +268,7 @@ class Trainer:
                         f"effective batch {c.train.batch_size} is unchanged (moco.key_chunks is per process)")
         per_process = c.accum_steps // self.acc.num_processes
         return (f"MoCo v2 {c.model.arch} ({params:.1f}M params) on {self.device}, precision {self.acc.mixed_precision}"
+                f"{', backbones compiled (train.compile)' if c.train.compile else ''}"
                 f" | batch {c.train.batch_size} = {c.micro_batch} x {per_process} micro-batches"
                 f" x {self.acc.num_processes} processes"
                 f"{f' (micro-batch auto: {self.auto_micro_batch})' if self.auto_micro_batch else ''}"

@@ -1,0 +1,126 @@
+"""train.compile: the step's speed compiled against eager, and the time compiling takes.
+
+    python -m benchmarks compile                                   # resnet18 at 64 px, batch 32, CPU
+    python -m benchmarks compile --archs resnet18,resnet50 --image-size 96 --steps 5
+    python -m benchmarks compile --device cuda --archs resnet50 --image-size 224 --batch 256 --micro-batch 64
+
+Both steps are the trainer's own (cells.build -> train.build_model / build_step), on the same
+random images, with the same seed. The compiled step's first call compiles f_q's backbone
+(forward and backward, at the micro-batch) and f_k's (forward, at the key chunk); its compile
+time is that first step minus a steady compiled step. Inductor's on-disk cache starts empty
+(a fresh TORCHINDUCTOR_CACHE_DIR), so the figure is a first run's; with `--cache-dir` twice,
+the second run measures a start that finds its kernels compiled. After the first step the two steps alternate, so that a busy
+machine slows both alike; the steady figures are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .cells import Cell, build
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _timed(step, device: torch.device) -> float:
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(arch: str, image_size: int, batch: int, micro_batch: int, key_chunks: int, steps: int,
+            device: torch.device = torch.device("cpu"), cache_dir: str | None = None) -> dict:
+    """Seconds per step, eager and compiled, and what compiling cost (inductor's on-disk cache in
+    `cache_dir`; None: a new empty folder)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir or tempfile.mkdtemp(prefix="lowmem_moco_inductor_")
+    base = dict(kind="lowmem", arch=arch, image_size=image_size, micro_batch=micro_batch, batch=batch,
+                key_chunks=key_chunks, queue_size=4096)
+    eager, compiled = build(Cell(**base), device), build(Cell(**base, compile=True), device)
+    first_eager, first_compiled = _timed(eager.step, device), _timed(compiled.step, device)
+    times = {"eager": [], "compiled": []}
+    for _ in range(steps):
+        times["eager"].append(_timed(eager.step, device))
+        times["compiled"].append(_timed(compiled.step, device))
+    steady = {mode: statistics.median(t) for mode, t in times.items()}
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
+    return dict(arch=arch, image_size=image_size, batch=batch, micro_batch=micro_batch, key_chunks=key_chunks,
+                first_eager_s=first_eager, first_compiled_s=first_compiled, eager_s=steady["eager"],
+                compiled_s=steady["compiled"], speedup=steady["eager"] / steady["compiled"],
+                compile_s=first_compiled - steady["compiled"], graphs=graphs, times=times)
+
+
+def markdown(rows: list[dict], command: str, device: torch.device, cache_dir: str | None = None) -> str:
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{os.cpu_count()}-core CPU, {torch.get_num_threads()} thread(s)")
+    lines = [
+        f"# train.compile on a {device.type.upper()}: step time compiled and eager, and the compile time", "",
+        f"Command: `{command}`", "",
+        f"Machine: {machine}; torch {torch.__version__}; "
+        f"{datetime.date.today().isoformat()}. The trainer's own step (K 4096, fp32); eager and compiled "
+        "steps alternate after the first, medians of the steady ones; inductor's cache "
+        f"{'in ' + cache_dir if cache_dir else 'empty at the start'}. "
+        f"Load average over the last minute at the end: {os.getloadavg()[0]:.1f}.", "",
+        "| model | px | batch / micro / key chunks | eager step s | compiled step s | speed-up | first compiled step s "
+        "| compile s | graphs compiled |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['arch']} | {r['image_size']} | {r['batch']} / {r['micro_batch']} / {r['key_chunks']} "
+                     f"| {r['eager_s']:.3f} | {r['compiled_s']:.3f} | {r['speedup']:.2f}x | {r['first_compiled_s']:.1f} "
+                     f"| {r['compile_s']:.1f} | {r['graphs']} |")
+    lines += ["", "Every step's seconds (eager, compiled):", ""]
+    lines += [f"- {r['arch']}: eager {', '.join(f'{t:.3f}' for t in r['times']['eager'])}; "
+              f"compiled {', '.join(f'{t:.3f}' for t in r['times']['compiled'])}" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks compile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", default="resnet18", help="timm model names, comma-separated")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--micro-batch", type=int, default=None, help="default: the batch")
+    p.add_argument("--key-chunks", type=int, default=4)
+    p.add_argument("--steps", type=int, default=4, help="steady steps of each kind after the first")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps a shared machine's timings steady)")
+    p.add_argument("--cache-dir", default=None,
+                   help="inductor's cache folder (default: a new empty one); a second run with the same "
+                        "folder measures a warm start")
+    p.add_argument("--out", type=Path, default=None,
+                   help="a Markdown file (default: benchmarks/results/compile-<device>-<date>.md)")
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows = []
+    for arch in [a for a in args.archs.split(",") if a]:
+        r = measure(arch, args.image_size, args.batch, args.micro_batch or args.batch, args.key_chunks, args.steps,
+                    device, args.cache_dir)
+        print(f"{arch}: eager {r['eager_s']:.3f} s, compiled {r['compiled_s']:.3f} s ({r['speedup']:.2f}x), "
+              f"compile {r['compile_s']:.1f} s, {r['graphs']} graphs", flush=True)
+        rows.append(r)
+    out = args.out or RESULTS / f"compile-{device.type}-{datetime.date.today().isoformat()}.md"
+    out.write_text(markdown(rows, "python -m benchmarks compile " + " ".join(argv), device, args.cache_dir))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
