@@ -139,9 +139,10 @@ def keys_in_two_halves(encoder_k, images, num_chunks, generator, accelerator, sh
     """What 2 processes without the cross-process shuffle compute, in one process: each half of
     the batch shuffled by the same generator state and encoded in num_chunks chunks, in rank order."""
     from lowmem_moco.engine.keys import encode_keys
+    from lowmem_moco.engine.views import whole
 
     start, keys = generator.get_state(), []
-    for half in images.chunk(2):
+    for half in whole(images).chunk(2):
         generator.set_state(start)
         keys.append(encode_keys(encoder_k, half, num_chunks, generator))
     keys = torch.cat(keys)

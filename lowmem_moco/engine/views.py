@@ -15,12 +15,11 @@ seed, never of the other rows it is made with.
 
 from __future__ import annotations
 
-from typing import Protocol, Union, runtime_checkable
+from typing import Protocol, Union
 
 import torch
 
 
-@runtime_checkable
 class LazyView(Protocol):
     def __len__(self) -> int: ...
 
