@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -82,26 +83,17 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "timings steady on a shared machine)")
 
 
+# name -> (module, its entry point taking the remaining arguments); "cell" is internal: one
+# measurement in a fresh child process.
+COMMANDS = {"cell": (".measure", "cell_main"), "gpu": (".gpu", "main"), "input-memory": (".input_memory", "main"),
+            "highres": (".highres", "main"), "caches": (".input_caches", "main"), "compile": (".compile_speed", "main")}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["cell"]:  # internal: one measurement in a fresh child process
-        from .measure import cell_main
-        return cell_main(argv[1:])
-    if argv[:1] == ["gpu"]:
-        from .gpu import main as gpu
-        return gpu(argv[1:])
-    if argv[:1] == ["input-memory"]:
-        from .input_memory import main as input_memory
-        return input_memory(argv[1:])
-    if argv[:1] == ["highres"]:
-        from .highres import main as highres
-        return highres(argv[1:])
-    if argv[:1] == ["caches"]:
-        from .input_caches import main as caches
-        return caches(argv[1:])
-    if argv[:1] == ["compile"]:
-        from .compile_speed import main as compile_speed
-        return compile_speed(argv[1:])
+    if argv[:1] and argv[0] in COMMANDS:  # commands with their own argument parser
+        module, function = COMMANDS[argv[0]]
+        return getattr(importlib.import_module(module, __package__), function)(argv[1:])
     if argv[:1] == ["plan-check"]:
         from .plan_check import main as plan_check
         return plan_check(smoke="--smoke" in argv, command="python -m benchmarks " + " ".join(argv))

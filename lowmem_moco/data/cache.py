@@ -103,13 +103,7 @@ class DecodedCache(PackedEntry):
 
     def __init__(self, directory: str | Path, manifest: dict):
         super().__init__(directory, manifest)
-        self.shorter_side: int = manifest["shorter_side"]
-        self.classes: list = manifest["classes"]
-        self.skipped: int = manifest["skipped"]
-        index = np.load(self.directory / manifest["index_file"])  # (count, 5)
-        self.source_indices = index[:, 0]
-        self.targets = torch.from_numpy(index[:, 1].copy())
-        self.offsets, self.shapes = index[:, 2], index[:, 3:5]  # (count,), (count, 2) height, width
+        self.offsets, self.shapes = self.index[:, 2], self.index[:, 3:5]  # (count,), (count, 2) height, width
 
     def __len__(self) -> int:
         return self.manifest["count"]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 
 from ..checkpoint import atomic_write_bytes
 from ..errors import DataError
@@ -88,6 +89,13 @@ class PackedEntry:
 
     def __init__(self, directory: str | Path, manifest: dict):
         self.directory, self.manifest = Path(directory), manifest
+        self.shorter_side: int = manifest["shorter_side"]
+        self.classes: list = manifest["classes"]
+        self.skipped: int = manifest["skipped"]
+        # (count, columns) int64: source index, label, offset in the data file, then the format's own
+        self.index = np.load(self.directory / manifest["index_file"])
+        self.source_indices = self.index[:, 0]
+        self.targets = torch.from_numpy(self.index[:, 1].copy())
         self._mapped = None
 
     def __getstate__(self):

@@ -130,14 +130,8 @@ class EncodedCache(PackedEntry, EncodedStore):
     def __init__(self, directory: str | Path, manifest: dict, on_bad_image: str = "skip"):
         super().__init__(directory, manifest)
         self.on_bad_image = on_bad_image
-        self.shorter_side: int = manifest["shorter_side"]
-        self.classes: list = manifest["classes"]
-        self.skipped: int = manifest["skipped"]
-        index = np.load(self.directory / manifest["index_file"])  # (count, 7)
-        self.source_indices = index[:, 0]
-        self.targets = torch.from_numpy(index[:, 1].copy())
-        self.offsets, self.lengths = index[:, 2], index[:, 3]  # (count,), (count,)
-        self.shapes, self.jpeg = index[:, 4:6], index[:, 6].astype(bool)  # (count, 2) height, width; (count,)
+        self.offsets, self.lengths = self.index[:, 2], self.index[:, 3]  # (count,), (count,)
+        self.shapes, self.jpeg = self.index[:, 4:6], self.index[:, 6].astype(bool)  # (count, 2) height, width; (count,)
 
     def __repr__(self) -> str:
         m = self.manifest
