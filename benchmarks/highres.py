@@ -71,7 +71,7 @@ def markdown(result: dict, command: str, env: dict) -> str:
         f"`{command}` on {env.get('device_name') or env.get('cpu') or r['device']} (measured): "
         f"recipes/highres_resnet50.yaml, 1024 px, ResNet-50, precision {r['precision']}, checkpointing, "
         f"batch {r['batch']} = micro-batches of {r['micro_batch']}, {r['key_chunks']} key chunks, generated "
-        f"1280x1024 JPEG photos; median of {r['timed_steps']} steps after one untimed step.", "",
+        f"1280x1024 JPEG photos; median of {r['timed_steps']} timed step(s) after one untimed step.", "",
         "| images/s | s/step | epoch of 10,000 images (extrapolated) | peak memory MB |", "|---|---|---|---|",
         f"| {r['images_per_s']:.3f} | {r['seconds_per_step']:.1f} | {r['epoch_hours']:.1f} h | {r['peak_mem_mb']:.0f} |",
         ""])
