@@ -31,12 +31,13 @@ from .cells import Cell, build
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _timed(step, device: torch.device) -> float:
+def _timed(step, device: torch.device) -> tuple[float, float]:
+    """(seconds, loss) of one step."""
     start = time.perf_counter()
-    step()
+    loss = step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, loss
 
 
 def measure(arch: str, image_size: int, batch: int, micro_batch: int, key_chunks: int, steps: int,
@@ -51,17 +52,21 @@ def measure(arch: str, image_size: int, batch: int, micro_batch: int, key_chunks
     base = dict(kind="lowmem", arch=arch, image_size=image_size, micro_batch=micro_batch, batch=batch,
                 key_chunks=key_chunks, queue_size=4096)
     eager, compiled = build(Cell(**base), device), build(Cell(**base, compile=True), device)
-    first_eager, first_compiled = _timed(eager.step, device), _timed(compiled.step, device)
-    times = {"eager": [], "compiled": []}
+    # Same seed, same images: the two runs train in lockstep, so their losses compare step by step.
+    (first_eager, loss_eager), (first_compiled, loss_compiled) = _timed(eager.step, device), _timed(compiled.step, device)
+    times, losses = {"eager": [], "compiled": []}, {"eager": [loss_eager], "compiled": [loss_compiled]}
     for _ in range(steps):
-        times["eager"].append(_timed(eager.step, device))
-        times["compiled"].append(_timed(compiled.step, device))
+        for mode, workload in (("eager", eager), ("compiled", compiled)):
+            seconds, loss = _timed(workload.step, device)
+            times[mode].append(seconds)
+            losses[mode].append(loss)
     steady = {mode: statistics.median(t) for mode, t in times.items()}
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
     return dict(arch=arch, image_size=image_size, batch=batch, micro_batch=micro_batch, key_chunks=key_chunks,
                 first_eager_s=first_eager, first_compiled_s=first_compiled, eager_s=steady["eager"],
                 compiled_s=steady["compiled"], speedup=steady["eager"] / steady["compiled"],
-                compile_s=first_compiled - steady["compiled"], graphs=graphs, times=times)
+                compile_s=first_compiled - steady["compiled"], graphs=graphs, times=times, losses=losses,
+                loss_gap=max(abs(c - e) / abs(e) for e, c in zip(losses["eager"], losses["compiled"])))
 
 
 def markdown(rows: list[dict], command: str, device: torch.device, cache_dir: str | None = None) -> str:
@@ -76,16 +81,18 @@ def markdown(rows: list[dict], command: str, device: torch.device, cache_dir: st
         f"{'in ' + cache_dir if cache_dir else 'empty at the start'}. "
         f"Load average over the last minute at the end: {os.getloadavg()[0]:.1f}.", "",
         "| model | px | batch / micro / key chunks | eager step s | compiled step s | speed-up | first compiled step s "
-        "| compile s | graphs compiled |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| compile s | graphs compiled | largest relative loss gap |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['arch']} | {r['image_size']} | {r['batch']} / {r['micro_batch']} / {r['key_chunks']} "
                      f"| {r['eager_s']:.3f} | {r['compiled_s']:.3f} | {r['speedup']:.2f}x | {r['first_compiled_s']:.1f} "
-                     f"| {r['compile_s']:.1f} | {r['graphs']} |")
-    lines += ["", "Every step's seconds (eager, compiled):", ""]
+                     f"| {r['compile_s']:.1f} | {r['graphs']} | {r['loss_gap']:.1e} |")
+    lines += ["", "Every step's seconds and losses (eager, compiled):", ""]
     lines += [f"- {r['arch']}: eager {', '.join(f'{t:.3f}' for t in r['times']['eager'])}; "
-              f"compiled {', '.join(f'{t:.3f}' for t in r['times']['compiled'])}" for r in rows]
+              f"compiled {', '.join(f'{t:.3f}' for t in r['times']['compiled'])}; losses eager "
+              f"{', '.join(f'{x:.6f}' for x in r['losses']['eager'])}, compiled "
+              f"{', '.join(f'{x:.6f}' for x in r['losses']['compiled'])}" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         r = measure(arch, args.image_size, args.batch, args.micro_batch or args.batch, args.key_chunks, args.steps,
                     device, args.cache_dir)
         print(f"{arch}: eager {r['eager_s']:.3f} s, compiled {r['compiled_s']:.3f} s ({r['speedup']:.2f}x), "
-              f"compile {r['compile_s']:.1f} s, {r['graphs']} graphs", flush=True)
+              f"compile {r['compile_s']:.1f} s, {r['graphs']} graphs, loss gap {r['loss_gap']:.1e}", flush=True)
         rows.append(r)
     out = args.out or RESULTS / f"compile-{device.type}-{datetime.date.today().isoformat()}.md"
     out.write_text(markdown(rows, "python -m benchmarks compile " + " ".join(argv), device, args.cache_dir))
