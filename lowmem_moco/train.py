@@ -124,8 +124,8 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
 
-        # Seeded right before the model: its initialisation must not depend on whether the data
-        # step above had work to do (a cache build draws random numbers, a cache hit does not).
+        # Seeded right before the model: its initialisation must not depend on what the data
+        # step above did (it keeps to private generators, but a data source may not).
         set_seed(cfg.train.seed)
         self.moco = build_model(cfg, self.device)
         self.step_fn = build_step(cfg, self.moco, self.acc)

@@ -147,5 +147,6 @@ def nothing_fits(planner: Planner, result: SearchResult) -> ConfigError:
     cfg = planner.cfg
     return ConfigError(f"nothing fits: even micro-batch 2 with checkpointing {'on' if smallest.checkpointing else 'off'}"
                        f" is predicted at {smallest.peak_bytes / GiB:.2f} GiB, over the {result.usable_bytes / GiB:.2f}"
-                       f" GiB usable; lower data.image_size ({cfg.data.image_size}), moco.queue_size or "
-                       f"train.batch_size (the inputs hold both views of the whole batch), or pick a smaller model.arch")
+                       f" GiB usable; lower data.image_size ({cfg.data.image_size}) or moco.queue_size, raise "
+                       f"moco.key_chunks (keys are encoded {cfg.train.batch_size // cfg.moco.key_chunks} at a time), "
+                       f"or pick a smaller model.arch")
