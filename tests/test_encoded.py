@@ -113,6 +113,21 @@ def test_select_then_to_cpu_equals_batch(tmp_path):
     assert torch.equal(in_worker.pixels, cache.batch([3, 1, 2]).pixels)
 
 
+def test_an_unreadable_rows_stand_in_does_not_depend_on_the_rows_decoded_with_it():
+    """Lazy views decode key chunks and micro-batches: a bad row must take the same image (the
+    next readable row of the whole batch) whichever rows are decoded together."""
+    a, c = photo(20, 24, 1), photo(18, 26, 2)
+    batch = EncodedImages.from_bytes([encoded_bytes(a), b"not an image", encoded_bytes(c)])
+    whole_batch = batch.to("cpu")
+    expected = whole_batch.image(2)  # the next readable row after row 1
+    assert torch.equal(whole_batch.image(1), expected)
+    assert torch.equal(batch.select([1, 0]).to("cpu").image(0), expected)
+    assert torch.equal(batch.select([1]).to("cpu").image(0), expected)
+    assert torch.equal(batch.select([2, 1]).select([1]).to("cpu").image(0), expected)  # a subset of a subset
+    last_bad = EncodedImages.from_bytes([encoded_bytes(a), encoded_bytes(c), b"broken"])
+    assert torch.equal(last_bad.select([2]).to("cpu").image(0), last_bad.to("cpu").image(0))  # wraps round
+
+
 def test_bad_and_mixed_files(tmp_path, caplog):
     good = make_folder(tmp_path / "probe", shapes=((30, 40),))
     jpeg = open(good.path(0), "rb").read()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -37,7 +36,7 @@ from PIL import Image
 from ..errors import DataError
 from .cache_files import PackedEntry, commit_manifest, locked, new_build_id, start_build
 from .fingerprint import source_fingerprint
-from .images import UnreadableImageError, small_images_line, to_rgb
+from .images import UnreadableImageError, to_rgb
 from ..progress import DecodeBar
 from .ragged import RaggedImages
 from .loader import make_loader
@@ -108,13 +107,6 @@ class DecodedCache(PackedEntry):
     def __len__(self) -> int:
         return self.manifest["count"]
 
-    def small_images(self, image_size: int) -> Optional[str]:
-        """The warning line for cached images below `image_size` px on their shorter side, or None;
-        exact and free: images that small were never shrunk, so the stored shapes are their own."""
-        sides = self.shapes.min(axis=1)  # (count,)
-        small = sides[sides < image_size]
-        return small_images_line(len(small), len(self), image_size, int(small.min())) if len(small) else None
-
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({len(self)} images, shorter side <= {self.shorter_side}px, "
                 f"{self.manifest['bytes_per_image']} bytes per image, {self.skipped} skipped, "
@@ -161,12 +153,10 @@ class DecodedCache(PackedEntry):
             if cache is None:
                 cache = cls(directory, _build(images, directory, stem, fingerprint, side, on_bad_image == "error",
                                               num_workers, progress))
-            elif cache.skipped and progress:  # a cache hit repeats what its build said
-                print(f"{cache.skipped} unreadable images were skipped when {directory / stem}.json was built "
-                      f"(listed there under skipped_files)")
-        note = cache.small_images(image_size)
-        if note and progress:
-            warnings.warn(note, stacklevel=2)
+            elif progress:
+                cache.report_hit()
+        if progress:
+            cache.warn_small_images(image_size)
         return cache
 
 
@@ -203,7 +193,7 @@ def _build(images, directory: Path, stem: str, fingerprint: str, side: int, fail
     pixels_file, index_file = f"{stem}.{build}.pixels.u8", f"{stem}.{build}.index.npy"
     total = len(images)
     num_workers = start_build(images, directory, estimated_bytes(images, side), f"(shorter side <= {side}px)",
-                              "choose another cache folder, or use data.augment=per_image", num_workers, 2000)
+                              "choose another data.cache_dir, or set data.cache=encoded or none", num_workers, 2000)
     index = np.empty((total, 5), dtype=np.int64)
     targets = np.asarray(images.targets, dtype=np.int64)
     decoder = make_loader(_Decode(images, side), workers=num_workers, ragged=True, batch_size=64)

@@ -24,9 +24,10 @@ from pathlib import Path
 from rich.console import Console
 
 from .cache import DecodedCache, estimated_bytes, shorter_side
-from .encoded import EncodedCache, estimated_encoded_bytes
+from .encoded import EncodedCache, encoded_stem, estimated_encoded_bytes
 from .encoded_store import SourceFiles
 from .fingerprint import source_fingerprint
+from .images import warn_small_images
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,14 @@ def pick_cache(images, cfg, folder: Path, name: str) -> CacheChoice:
     if mode != "auto":
         return CacheChoice(mode, "set in the config")
     side = shorter_side(cfg.data.image_size, cfg.augment.crop_scale[0])
-    built = DecodedCache.open(folder, f"{name}-{side}px", source_fingerprint(images), side)
-    if built is not None:
-        return CacheChoice("decoded", f"a current decoded cache is already built ({built.directory})")
+    # A cache already built for these images is used as it is: a resumed run keeps its pixels,
+    # whatever the RAM and disk now (the cache itself took some of that disk).
+    fingerprint = source_fingerprint(images)
+    for mode, store, stem in (("decoded", DecodedCache, f"{name}-{side}px"), ("encoded", EncodedCache,
+                                                                               encoded_stem(name, side))):
+        built = store.open(folder, stem, fingerprint, side)
+        if built is not None:
+            return CacheChoice(mode, f"a current {mode} cache is already built ({built.directory})")
     return choose_cache(estimated_bytes(images, side), estimated_encoded_bytes(images, side), available_ram(),
                         free_disk(folder))
 
@@ -103,6 +109,8 @@ def open_image_store(images, cfg, folder: Path, name: str, progress: bool = True
     if progress:
         Console(highlight=False, soft_wrap=True).print(line)
     if choice.mode == "none":
+        if progress:  # no cache to read the sizes from: the files' headers
+            warn_small_images(images, d.image_size)
         return SourceFiles(images, d.on_bad_image)
     store = DecodedCache if choice.mode == "decoded" else EncodedCache
     return store.open_or_build(images, folder, d.image_size, name=name, min_crop_scale=cfg.augment.crop_scale[0],

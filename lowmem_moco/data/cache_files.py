@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -20,6 +21,7 @@ import torch
 
 from ..checkpoint import atomic_write_bytes
 from ..errors import DataError
+from .images import small_images_line
 
 
 @contextmanager
@@ -87,6 +89,8 @@ class PackedEntry:
     data_key: str  # manifest key: the flat file's name
     size_key: str  # manifest key: its size in bytes
 
+    manifest_name = "its manifest"  # file name, set by open()
+
     def __init__(self, directory: str | Path, manifest: dict):
         self.directory, self.manifest = Path(directory), manifest
         self.shorter_side: int = manifest["shorter_side"]
@@ -118,6 +122,26 @@ class PackedEntry:
                 return None
             if os.path.getsize(Path(directory) / manifest[cls.data_key]) != manifest[cls.size_key]:
                 return None
-            return cls(directory, manifest, **options)
+            entry = cls(directory, manifest, **options)
+            entry.manifest_name = f"{stem}.json"
+            return entry
         except (OSError, ValueError, KeyError):
             return None
+
+    def small_images(self, image_size: int) -> Optional[str]:
+        """The warning line for cached images below `image_size` px on their shorter side, or None;
+        exact and free: images that small were never shrunk, so the stored shapes are their own."""
+        sides = self.shapes.min(axis=1)  # (count,); subclasses keep (height, width) per image in `shapes`
+        small = sides[sides < image_size]
+        return small_images_line(len(small), len(self), image_size, int(small.min())) if len(small) else None
+
+    def warn_small_images(self, image_size: int) -> None:
+        note = self.small_images(image_size)
+        if note:
+            warnings.warn(note, stacklevel=3)
+
+    def report_hit(self) -> None:
+        """A cache hit repeats what its build said about unreadable images."""
+        if self.skipped:
+            print(f"{self.skipped} unreadable images were skipped when {self.directory / self.manifest_name} was "
+                  f"built (listed there under skipped_files)")

@@ -158,12 +158,15 @@ class EncodedCache(PackedEntry, EncodedStore):
         side = side or shorter_side(image_size, min_crop_scale)
         stem = encoded_stem(name, side)
         with locked(directory / f"{stem}.lock"):
-            found = cls.open(directory, stem, fingerprint, side, on_bad_image=on_bad_image)
-            if found is not None:
-                return found
-            manifest = _build(images, directory, stem, fingerprint, side, on_bad_image == "error",
-                              num_workers, progress)
-            return cls(directory, manifest, on_bad_image)
+            cache = cls.open(directory, stem, fingerprint, side, on_bad_image=on_bad_image)
+            if cache is None:
+                cache = cls(directory, _build(images, directory, stem, fingerprint, side, on_bad_image == "error",
+                                              num_workers, progress), on_bad_image)
+            elif progress:
+                cache.report_hit()
+        if progress:
+            cache.warn_small_images(image_size)
+        return cache
 
 
 # ---------------------------------------------------------------------- the build

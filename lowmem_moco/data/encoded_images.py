@@ -69,6 +69,9 @@ class EncodedImages:
     jpeg: torch.Tensor  # (N,) bool: decoded with decode_jpeg, else with the PIL fallback
     paths: Optional[list] = None  # per row, for messages (None: rows are named by number)
     on_bad_image: str = field(default="skip")  # skip: a row that fails takes another row's image; error: raise
+    # select() keeps (the whole batch, its rows): an unreadable row's stand-in is then chosen in
+    # the whole batch, the same whichever rows (key chunk, micro-batch) are decoded together.
+    parent: Optional[tuple] = field(default=None, repr=False)
 
     @classmethod
     def from_bytes(cls, chunks: Sequence[bytes], paths: Optional[list] = None,
@@ -91,7 +94,10 @@ class EncodedImages:
         """Rows `rows` (a list or 1-D tensor of positions), still encoded (one gathered copy of the bytes)."""
         rows = torch.as_tensor(rows, dtype=torch.int64).cpu().tolist()
         paths = [self.paths[r] for r in rows] if self.paths is not None else None
-        return EncodedImages.from_bytes([self.chunk(r).numpy().tobytes() for r in rows], paths, self.on_bad_image)
+        part = EncodedImages.from_bytes([self.chunk(r).numpy().tobytes() for r in rows], paths, self.on_bad_image)
+        whole, positions = self.parent or (self, list(range(len(self))))
+        part.parent = (whole, [positions[r] for r in rows])
+        return part
 
     def pin_memory(self) -> "EncodedImages":  # called by DataLoader(pin_memory=True)
         return EncodedImages(self.data.pin_memory(), self.offsets, self.lengths, self.jpeg, self.paths,
@@ -100,6 +106,10 @@ class EncodedImages:
     def to(self, device, non_blocking: bool = False) -> RaggedImages:
         """Every row decoded on `device`, as RaggedImages there (RGB, HWC uint8)."""
         device = torch.device(device)
+        if device.type == "cuda":
+            # nvjpeg decodes on a stream of its own that does not wait for ours: memory freed by
+            # kernels still queued (the previous chunk's views) must not be handed to it.
+            torch.cuda.current_stream(device).synchronize()
         decoded: list = [None] * len(self)
         jpeg_rows = [i for i in range(len(self)) if self.jpeg[i]]
         if jpeg_rows:
@@ -112,7 +122,8 @@ class EncodedImages:
         for i in range(len(self)):
             if decoded[i] is None:
                 decoded[i] = self._decode_row(i, device, non_blocking)
-        return ragged_from_chw(self._fill_unreadable(decoded), device)
+        return ragged_from_chw([image if image is not None else self._stand_in(i, device, non_blocking)
+                                for i, image in enumerate(decoded)], device)
 
     def _decode_row(self, i: int, device: torch.device, non_blocking: bool) -> Optional[torch.Tensor]:
         data = self.chunk(i)
@@ -126,19 +137,22 @@ class EncodedImages:
                     return decode_jpeg(data, mode=ImageReadMode.RGB).to(device, non_blocking=non_blocking)
             return pil_rgb(data.numpy().tobytes()).to(device, non_blocking=non_blocking)
         except Exception as err:  # decoders raise RuntimeError, OSError, SyntaxError, ValueError, ...
-            name = self.paths[i] if self.paths is not None else f"row {i} of the batch"
+            name = self.paths[i] if self.paths is not None else f"row {i} of a batch"
             if self.on_bad_image == "error":
                 raise UnreadableImageError(name, decoder_message(err)) from err
-            if name not in _warned:
+            if self.paths is None or name not in _warned:  # a file is named once per process
                 _warned.add(name)
-                log.warning("skipping unreadable image %s (%s)", name, decoder_message(err))
+                log.warning("skipped %s: %s", name, decoder_message(err))
             return None
 
-    def _fill_unreadable(self, decoded: list) -> list:
-        """A row that could not be decoded takes the next readable row's image (the batch keeps its size)."""
-        good = [i for i, image in enumerate(decoded) if image is not None]
-        if not good:
-            raise DataError(f"none of the {len(decoded)} images of a batch could be decoded; "
-                            f"check the data folder (see the warnings above)")
-        return [image if image is not None else decoded[next((g for g in good if g > i), good[0])]
-                for i, image in enumerate(decoded)]
+    def _stand_in(self, i: int, device: torch.device, non_blocking: bool) -> torch.Tensor:
+        """The image an unreadable row takes: the next readable row of the whole batch, in batch
+        order and wrapping round (the batch keeps its size; the same whatever was selected)."""
+        whole, positions = self.parent or (self, list(range(len(self))))
+        n = len(whole)
+        for step in range(1, n):
+            image = whole._decode_row((positions[i] + step) % n, device, non_blocking)
+            if image is not None:
+                return image
+        raise DataError(f"none of the {n} images of a batch could be decoded; check the data folder (the "
+                        f"warnings above name the files), or set data.cache=decoded to check every image once")

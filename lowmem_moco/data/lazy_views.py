@@ -13,7 +13,8 @@
 Either way the device holds one key chunk's or one micro-batch's views at a time, whatever
 the effective batch and the image size. The costs: under `moco.symmetric` each view is used
 as a key and as a query, so the batched path makes it twice; with an encoded store on a GPU
-(data.cache=encoded|none) an image is decoded for its key view and again for its query view.
+(data.cache=encoded|none) an image is decoded for each view the step makes from it (twice per
+step, four times under moco.symmetric).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import bn_snapshot, merge_bn_stats
-from .views import View, take, whole
+from .views import View, same_layout, take, whole
 
 
 @torch.no_grad()
@@ -64,7 +64,8 @@ def encode_batch_keys(encoder_k: nn.Module, images: View, num_chunks: int,
         # Every process holds the whole key batch in rank order, draws the same permutation,
         # encodes its own slice of it: a single process with N x num_chunks chunks and the same
         # generator forms exactly the same BatchNorm groups.
-        everything = accelerator.gather(whole(images))  # (world*n)x3xHxW, rank order
+        local = whole(images)  # nx3xHxW: the shuffle across processes needs this share's key views made
+        everything = same_layout(accelerator.gather(local), local)  # (world*n)x3xHxW, rank order
         perm = torch.randperm(world * n, generator=generator)  # world*n
         mine = perm[rank * n:(rank + 1) * n]  # n rows of `everything`
         shuffled = accelerator.gather(_encode_in_chunks(encoder_k, everything, mine.chunk(num_chunks)))  # (world*n)xC

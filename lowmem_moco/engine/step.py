@@ -17,7 +17,8 @@ gathered in rank order and enqueued identically everywhere, and BatchNorm runnin
 statistics are merged to the values a single process would hold (distributed.merge_bn_stats).
 
 The views are tensors or lazy views (views.py): lazy ones are made one key chunk and one
-micro-batch at a time, so neither view of the whole batch ever exists at once.
+micro-batch at a time, so neither view of the whole batch ever exists at once (except the key
+view under `moco.shuffle_across_processes`, whose images every process gathers).
 
 Shapes: n = this process's share of the effective batch B, m = micro_batch, C = model.dim,
 K = moco.queue_size, world = number of processes (n x world = B).
