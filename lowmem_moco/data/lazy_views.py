@@ -53,5 +53,9 @@ class CopiedView:
         return self.views.shape[0]
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        chosen = self.views[rows.cpu()]  # rx3xSxS on the host
+        rows = rows.cpu()
+        if len(rows) and bool((rows.diff() == 1).all()):  # a micro-batch: a slice of the (pinned) batch,
+            chosen = self.views.narrow(0, int(rows[0]), len(rows))  # so the copy below stays asynchronous
+        else:
+            chosen = self.views[rows]  # rx3xSxS on the host, gathered
         return chosen.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
