@@ -28,7 +28,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from lowmem_moco.data.blur import effective_sigma, gaussian_blur
-from lowmem_moco.data.cache import fit_shorter_side, shorter_side
+from lowmem_moco.data.cache import fit_shorter_side
+from lowmem_moco.data.cache_files import shorter_side
 from lowmem_moco.data.crops import CROP_DRAWS, crop_boxes, resized_crops
 from lowmem_moco.data.ragged import RaggedImages
 from lowmem_moco.data.sample_rng import uniforms

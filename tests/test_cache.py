@@ -10,7 +10,8 @@ from PIL import Image
 
 from conftest import write_every_mode
 from lowmem_moco.data import cache as cache_module
-from lowmem_moco.data.cache import CachedBatches, DecodedCache, fit_shorter_side, shorter_side
+from lowmem_moco.data.cache import CachedBatches, DecodedCache, fit_shorter_side
+from lowmem_moco.data.cache_files import shorter_side
 from lowmem_moco.data.images import ArrayImages, FileImages
 from lowmem_moco.errors import DataError
 

@@ -15,7 +15,8 @@ from benchmarks.views_statistics import (aliasing_energy, batched_boxes, blur_sp
                                          torchvision_boxes)
 from lowmem_moco.data.augment import mocov2_transform
 from lowmem_moco.data.batched_augment import BatchedMoCoV2
-from lowmem_moco.data.cache import fit_shorter_side, shorter_side
+from lowmem_moco.data.cache import fit_shorter_side
+from lowmem_moco.data.cache_files import shorter_side
 from lowmem_moco.data.ragged import RaggedImages
 
 CASES = [(375, 500, 224), (500, 375, 96), (256, 256, 32)]  # (height, width, view size)

@@ -24,7 +24,6 @@ positions in the cache, `source_indices` maps them back.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -34,21 +33,14 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
-from .cache_files import PackedEntry, commit_manifest, locked, new_build_id, start_build
-from .fingerprint import source_fingerprint
+from .cache_files import PackedEntry, commit_manifest, estimated_total, new_build_id, split_keys, start_build
 from .images import UnreadableImageError, to_rgb
 from ..progress import DecodeBar
 from .ragged import RaggedImages
 from .loader import make_loader
 
 CACHE_VERSION = 2
-_PROBE = 16  # images looked at to estimate the cache's size before building it
 _SKIP_LINES = 20  # "skipped <path>" lines printed by a build; the manifest lists them all
-
-
-def shorter_side(image_size: int, min_crop_scale: float = 0.2) -> int:
-    """Shorter side the cache stores (at most): the smallest crop still covers image_size pixels."""
-    return math.ceil(image_size / math.sqrt(min_crop_scale))
 
 
 def fit_shorter_side(image: Image.Image, side: int) -> np.ndarray:
@@ -64,15 +56,11 @@ def fit_shorter_side(image: Image.Image, side: int) -> np.ndarray:
 
 def estimated_bytes(images, side: int) -> int:
     """Pixel bytes of the whole cache, from a few images spread through the set."""
-    sizes = []
-    for i in np.linspace(0, len(images) - 1, min(_PROBE, len(images))).astype(int):
-        try:
-            width, height = images.load(int(i)).size
-        except Exception:  # unreadable: the build will count it
-            continue
+    def pixel_bytes(i: int) -> int:
+        width, height = images.load(i).size
         scale = min(1.0, side / min(width, height))
-        sizes.append(round(width * scale) * round(height * scale) * 3)
-    return int(np.mean(sizes) * len(images)) if sizes else 0
+        return round(width * scale) * round(height * scale) * 3
+    return estimated_total(images, pixel_bytes)
 
 
 class _Decode(torch.utils.data.Dataset):
@@ -99,6 +87,10 @@ class DecodedCache(PackedEntry):
     """A decoded copy of a LabelledImages set: each image's HWC uint8 pixels, labels and source indices."""
 
     version, data_key, size_key = CACHE_VERSION, "pixels_file", "pixel_bytes"
+
+    @staticmethod
+    def build(*args) -> dict:
+        return _build(*args)
 
     def __init__(self, directory: str | Path, manifest: dict):
         super().__init__(directory, manifest)
@@ -136,29 +128,6 @@ class DecodedCache(PackedEntry):
 
     # ------------------------------------------------------------------ finding or building
 
-    @classmethod
-    def open_or_build(cls, images, directory: str | Path, image_size: int, *, name: str = "train",
-                      min_crop_scale: float = 0.2, side: Optional[int] = None, source_id: Optional[str] = None,
-                      on_bad_image: str = "skip", num_workers: Optional[int] = None,
-                      progress: bool = True) -> "DecodedCache":
-        """The cache of `images` with shorter sides of at most `side` px (default:
-        `shorter_side(image_size, min_crop_scale)`), re-used when current, else (re)built."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        fingerprint = source_fingerprint(images, source_id)
-        side = side or shorter_side(image_size, min_crop_scale)
-        stem = f"{name}-{side}px"
-        with locked(directory / f"{stem}.lock"):
-            cache = cls.open(directory, stem, fingerprint, side)
-            if cache is None:
-                cache = cls(directory, _build(images, directory, stem, fingerprint, side, on_bad_image == "error",
-                                              num_workers, progress))
-            elif progress:
-                cache.report_hit()
-        if progress:
-            cache.warn_small_images(image_size)
-        return cache
-
 
 class CachedBatches(torch.utils.data.Dataset):
     """A data set whose items are whole batches: keys -> (uint8 images, targets, seeds).
@@ -175,8 +144,7 @@ class CachedBatches(torch.utils.data.Dataset):
         return len(self.cache)
 
     def __getitem__(self, keys):
-        positions = [k[0] if isinstance(k, (tuple, list)) else k for k in keys]
-        seeds = torch.tensor([k[1] if isinstance(k, (tuple, list)) else -1 for k in keys], dtype=torch.int64)
+        positions, seeds = split_keys(keys)
         images = self.cache.batch(positions)
         if self.transform is not None:
             images = self.transform(images, seeds)

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .cache import DecodedCache, estimated_bytes, shorter_side
-from .encoded import EncodedCache, encoded_stem, estimated_encoded_bytes
+from .cache import DecodedCache, estimated_bytes
+from .cache_files import shorter_side
+from .encoded import EncodedCache, estimated_encoded_bytes
 from .encoded_store import SourceFiles
 from .fingerprint import source_fingerprint
 from .images import warn_small_images
@@ -82,18 +83,18 @@ def free_disk(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def pick_cache(images, cfg, folder: Path, name: str) -> CacheChoice:
-    """`cfg.data.cache`, with auto resolved for these images and this machine."""
+def pick_cache(images, cfg, folder: Path, name: str, fingerprint: str | None = None) -> CacheChoice:
+    """`cfg.data.cache`, with auto resolved for these images and this machine (`fingerprint`:
+    the images' source_fingerprint, when already computed)."""
     mode = cfg.data.cache
     if mode != "auto":
         return CacheChoice(mode, "set in the config")
     side = shorter_side(cfg.data.image_size, cfg.augment.crop_scale[0])
     # A cache already built for these images is used as it is: a resumed run keeps its pixels,
     # whatever the RAM and disk now (the cache itself took some of that disk).
-    fingerprint = source_fingerprint(images)
-    for mode, store, stem in (("decoded", DecodedCache, f"{name}-{side}px"), ("encoded", EncodedCache,
-                                                                               encoded_stem(name, side))):
-        built = store.open(folder, stem, fingerprint, side)
+    fingerprint = fingerprint or source_fingerprint(images)
+    for mode, store in (("decoded", DecodedCache), ("encoded", EncodedCache)):
+        built = store.open(folder, store.stem(name, side), fingerprint, side)
         if built is not None:
             return CacheChoice(mode, f"a current {mode} cache is already built ({built.directory})")
     return choose_cache(estimated_bytes(images, side), estimated_encoded_bytes(images, side), available_ram(),
@@ -103,7 +104,9 @@ def pick_cache(images, cfg, folder: Path, name: str) -> CacheChoice:
 def open_image_store(images, cfg, folder: Path, name: str, progress: bool = True):
     """The batched path's store of `images` as data.cache says (auto: see choose_cache)."""
     d = cfg.data
-    choice = pick_cache(images, cfg, Path(folder), name)
+    # Listing a large folder's files takes a while: the choice and the cache share one fingerprint.
+    fingerprint = source_fingerprint(images) if d.cache != "none" else None
+    choice = pick_cache(images, cfg, Path(folder), name, fingerprint)
     line = f"data.cache={d.cache} -> {choice.mode}: {choice.reason}"
     log.info(line)
     if progress:
@@ -114,4 +117,4 @@ def open_image_store(images, cfg, folder: Path, name: str, progress: bool = True
         return SourceFiles(images, d.on_bad_image)
     store = DecodedCache if choice.mode == "decoded" else EncodedCache
     return store.open_or_build(images, folder, d.image_size, name=name, min_crop_scale=cfg.augment.crop_scale[0],
-                               on_bad_image=d.on_bad_image, progress=progress)
+                               on_bad_image=d.on_bad_image, progress=progress, fingerprint=fingerprint)

@@ -1,4 +1,6 @@
-"""Helpers every on-disk image cache shares (decoded: cache.py; encoded: encoded.py).
+"""What every on-disk image cache shares (decoded: cache.py; encoded: encoded.py): `PackedEntry`
+(find a current entry or build it, its memory-mapped data file), the shorter side a cache keeps,
+the build's checks and size estimate, the lock and the manifest switch.
 
 An entry `stem` in a cache folder is a manifest `<stem>.json`, written last through
 checkpoint.atomic_write_bytes, that names its data files `<stem>.<build id>.*`: files no
@@ -8,19 +10,21 @@ manifest names are leftovers of an earlier or interrupted build.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from ..checkpoint import atomic_write_bytes
 from ..errors import DataError
+from .fingerprint import source_fingerprint
 from .images import small_images_line
 
 
@@ -44,6 +48,11 @@ def new_build_id() -> str:
     return uuid.uuid4().hex[:8]
 
 
+def shorter_side(image_size: int, min_crop_scale: float = 0.2) -> int:
+    """Shorter side a cache stores (at most): the smallest crop still covers image_size pixels."""
+    return math.ceil(image_size / math.sqrt(min_crop_scale))
+
+
 def start_build(images, directory: Path, need_bytes: int, what: str, fix: str, num_workers: Optional[int],
                 workers_from: int) -> int:
     """Check that a build can start (images to cache, disk space for `need_bytes`) and return
@@ -59,6 +68,29 @@ def start_build(images, directory: Path, need_bytes: int, what: str, fix: str, n
     if num_workers is not None:
         return num_workers
     return min(8, os.cpu_count() or 1) if total >= workers_from else 0
+
+
+def split_keys(keys) -> tuple[list[int], torch.Tensor]:
+    """A batch's keys (positions, or (position, seed) pairs as EpochBatches yields) -> (positions,
+    seeds (N,) int64, -1 where a key has none)."""
+    positions = [int(k[0]) if isinstance(k, (tuple, list)) else int(k) for k in keys]
+    seeds = torch.tensor([k[1] if isinstance(k, (tuple, list)) else -1 for k in keys], dtype=torch.int64)
+    return positions, seeds
+
+
+_PROBE = 16  # images looked at to estimate a cache's size before building it
+
+
+def estimated_total(images, bytes_of: Callable[[int], float]) -> int:
+    """A cache's size: `bytes_of(i)` for a few images spread through the set, averaged, times
+    the set's size. An image bytes_of cannot read is passed over (the build counts it)."""
+    sizes = []
+    for i in np.linspace(0, len(images) - 1, min(_PROBE, len(images))).astype(int):
+        try:
+            sizes.append(bytes_of(int(i)))
+        except Exception:  # noqa: BLE001 - unreadable: the build will count it
+            continue
+    return int(np.mean(sizes) * len(images)) if sizes else 0
 
 
 def read_manifest(directory: Path, stem: str) -> Optional[dict]:
@@ -111,6 +143,49 @@ class PackedEntry:
         if self._mapped is None:
             self._mapped = np.memmap(self.directory / self.manifest[self.data_key], dtype=np.uint8, mode="r")
         return self._mapped
+
+    stem_suffix = ""  # told apart in a shared cache folder: "<name>-<side>px<suffix>"
+
+    @classmethod
+    def stem(cls, name: str, side: int) -> str:
+        """The entry's file-name stem for split `name` and shorter side `side`."""
+        return f"{name}-{side}px{cls.stem_suffix}"
+
+    @staticmethod
+    def build(images, directory: Path, stem: str, fingerprint: str, side: int, fail: bool,
+              num_workers: Optional[int], progress: bool) -> dict:
+        """Write the entry's data files and manifest; return the manifest."""
+        raise NotImplementedError
+
+    @classmethod
+    def open_or_build(cls, images, directory: str | Path, image_size: int, *, name: str = "train",
+                      min_crop_scale: float = 0.2, side: Optional[int] = None, source_id: Optional[str] = None,
+                      on_bad_image: str = "skip", num_workers: Optional[int] = None,
+                      progress: bool = True, fingerprint: Optional[str] = None):
+        """The cache of `images` with shorter sides of at most `side` px (default:
+        `shorter_side(image_size, min_crop_scale)`), re-used when current, else (re)built.
+        `fingerprint`: the images' source_fingerprint, when the caller has already computed it."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        fingerprint = fingerprint or source_fingerprint(images, source_id)
+        side = side or shorter_side(image_size, min_crop_scale)
+        stem, options = cls.stem(name, side), cls.entry_options(on_bad_image)
+        with locked(directory / f"{stem}.lock"):
+            cache = cls.open(directory, stem, fingerprint, side, **options)
+            if cache is None:
+                manifest = cls.build(images, directory, stem, fingerprint, side, on_bad_image == "error",
+                                     num_workers, progress)
+                cache = cls(directory, manifest, **options)
+            elif progress:
+                cache.report_hit()
+        if progress:
+            cache.warn_small_images(image_size)
+        return cache
+
+    @staticmethod
+    def entry_options(on_bad_image: str) -> dict:
+        """Constructor arguments beyond (directory, manifest) that the entry takes."""
+        return {}
 
     @classmethod
     def open(cls, directory: str | Path, stem: str, fingerprint: str, side: int, **options):

@@ -44,12 +44,11 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..errors import DataError
 from ..progress import DecodeBar
-from .cache import fit_shorter_side, shorter_side
-from .cache_files import PackedEntry, commit_manifest, locked, new_build_id, start_build
-from .encoded_images import PIL_FALLBACK, EncodedImages, decoder_message, is_jpeg, pil_rgb
+from .cache import fit_shorter_side
+from .cache_files import PackedEntry, commit_manifest, estimated_total, new_build_id, start_build
+from .encoded_images import PIL_FALLBACK, EncodedImages, is_jpeg, pil_rgb
 from .encoded_store import EncodedStore, positions_of, source_bytes
-from .fingerprint import source_fingerprint
-from .images import UnreadableImageError
+from .images import UnreadableImageError, unreadable_reason
 from .loader import make_loader
 
 log = logging.getLogger(__name__)
@@ -57,12 +56,7 @@ log = logging.getLogger(__name__)
 ENCODED_VERSION = 1
 SHRINK_ABOVE = 2  # images with a shorter side above SHRINK_ABOVE x the cache side are shrunk to it
 REENCODE_QUALITY = 95
-_PROBE = 16  # files looked at to estimate the cache's size before building it
 _SHOWN = 5  # unreadable files named in the build's closing line (the manifest lists up to 1000)
-
-
-def encoded_stem(name: str, side: int) -> str:
-    return f"{name}-{side}px-encoded"
 
 
 def _encode(pixels: np.ndarray, fmt: str) -> bytes:
@@ -89,17 +83,13 @@ def encode_record(images, i: int, side: int) -> tuple[bytes, int, int, str]:
 
 def estimated_encoded_bytes(images, side: int) -> int:
     """Bytes of the whole encoded cache, from a few files spread through the set (headers only)."""
-    sizes = []
-    for i in np.linspace(0, len(images) - 1, min(_PROBE, len(images))).astype(int):
-        try:
-            data, _ = source_bytes(images, int(i))
-            with Image.open(io.BytesIO(data)) as image:
-                shorter = min(image.size)
-        except Exception:  # unreadable: the build will count it
-            continue
-        limit = SHRINK_ABOVE * side  # a shrunk image's bytes scale about with its pixels
-        sizes.append(len(data) * (min(1.0, side / shorter) ** 2 if shorter > limit else 1.0))
-    return int(np.mean(sizes) * len(images)) if sizes else 0
+    def stored_bytes(i: int) -> float:
+        data, _ = source_bytes(images, i)
+        with Image.open(io.BytesIO(data)) as image:
+            shorter = min(image.size)
+        # A shrunk image's bytes scale about with its pixels.
+        return len(data) * (min(1.0, side / shorter) ** 2 if shorter > SHRINK_ABOVE * side else 1.0)
+    return estimated_total(images, stored_bytes)
 
 
 class _Encode(torch.utils.data.Dataset):
@@ -118,14 +108,22 @@ class _Encode(torch.utils.data.Dataset):
             path_of = getattr(self.images, "path", None)
             name = path_of(i) if callable(path_of) else f"image {i} of the data set"
             if self.fail:
-                raise UnreadableImageError(name, decoder_message(err)) from None
-            return i, None, (name, decoder_message(err)[:200])
+                raise UnreadableImageError(name, unreadable_reason(err, name)) from None
+            return i, None, (name, unreadable_reason(err, name)[:200])
 
 
 class EncodedCache(PackedEntry, EncodedStore):
     """The encoded copy of a LabelledImages set: each image's file bytes, labels and source indices."""
 
-    version, data_key, size_key = ENCODED_VERSION, "bytes_file", "data_bytes"
+    version, data_key, size_key, stem_suffix = ENCODED_VERSION, "bytes_file", "data_bytes", "-encoded"
+
+    @staticmethod
+    def build(*args) -> dict:
+        return _build(*args)
+
+    @staticmethod
+    def entry_options(on_bad_image: str) -> dict:
+        return {"on_bad_image": on_bad_image}
 
     def __init__(self, directory: str | Path, manifest: dict, on_bad_image: str = "skip"):
         super().__init__(directory, manifest)
@@ -144,29 +142,6 @@ class EncodedCache(PackedEntry, EncodedStore):
         rows = positions_of(positions)
         chunks = [self.mapped[self.offsets[r]:self.offsets[r] + self.lengths[r]].tobytes() for r in rows]
         return EncodedImages.from_bytes(chunks, None, self.on_bad_image)
-
-    @classmethod
-    def open_or_build(cls, images, directory: str | Path, image_size: int, *, name: str = "train",
-                      min_crop_scale: float = 0.2, side: Optional[int] = None, source_id: Optional[str] = None,
-                      on_bad_image: str = "skip", num_workers: Optional[int] = None,
-                      progress: bool = True) -> "EncodedCache":
-        """The encoded cache of `images` for `side` (default shorter_side(image_size, min_crop_scale)),
-        re-used when current, else (re)built."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        fingerprint = source_fingerprint(images, source_id)
-        side = side or shorter_side(image_size, min_crop_scale)
-        stem = encoded_stem(name, side)
-        with locked(directory / f"{stem}.lock"):
-            cache = cls.open(directory, stem, fingerprint, side, on_bad_image=on_bad_image)
-            if cache is None:
-                cache = cls(directory, _build(images, directory, stem, fingerprint, side, on_bad_image == "error",
-                                              num_workers, progress), on_bad_image)
-            elif progress:
-                cache.report_hit()
-        if progress:
-            cache.warn_small_images(image_size)
-        return cache
 
 
 # ---------------------------------------------------------------------- the build

@@ -14,7 +14,6 @@ decoding. `.to("cpu")` runs the same code, which is how the GPU path is tested o
 from __future__ import annotations
 
 import io
-import logging
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -24,25 +23,16 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..errors import DataError
-from .images import UnreadableImageError, to_rgb
+from .images import UnreadableImageError, report_skipped, to_rgb, unreadable_reason
 from .ragged import RaggedImages
 
-log = logging.getLogger(__name__)
 
 JPEG_START = b"\xff\xd8\xff"  # SOI marker, then the first segment's marker
 PIL_FALLBACK = "PIL (images.to_rgb) on the CPU"
-_warned: set[str] = set()  # rows already reported as undecodable by this process
 
 
 def is_jpeg(data: bytes) -> bool:
     return data[:3] == JPEG_START
-
-
-def decoder_message(err: Exception) -> str:
-    """'Type: message' on one line, without the source location torchvision puts first ('x.cpp:171, ')."""
-    text = (str(err).splitlines() or [""])[0]
-    text = text.split(".cpp:", 1)[1].split(", ", 1)[-1] if ".cpp:" in text else text
-    return f"{type(err).__name__}: {text}"
 
 
 def pil_rgb(data: bytes) -> torch.Tensor:
@@ -138,11 +128,10 @@ class EncodedImages:
             return pil_rgb(data.numpy().tobytes()).to(device, non_blocking=non_blocking)
         except Exception as err:  # decoders raise RuntimeError, OSError, SyntaxError, ValueError, ...
             name = self.paths[i] if self.paths is not None else f"row {i} of a batch"
+            unreadable = UnreadableImageError(name, unreadable_reason(err, name))
             if self.on_bad_image == "error":
-                raise UnreadableImageError(name, decoder_message(err)) from err
-            if self.paths is None or name not in _warned:  # a file is named once per process
-                _warned.add(name)
-                log.warning("skipped %s: %s", name, decoder_message(err))
+                raise unreadable from err
+            report_skipped(unreadable)
             return None
 
     def _stand_in(self, i: int, device: torch.device, non_blocking: bool) -> torch.Tensor:

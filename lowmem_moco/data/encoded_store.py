@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 
+from .cache_files import split_keys
 from .encoded_images import EncodedImages
 from .ragged import RaggedImages
 from .loader import make_loader
@@ -89,8 +90,7 @@ class EncodedBatches(torch.utils.data.Dataset):
         return len(self.store)
 
     def __getitem__(self, keys):
-        positions = [int(k[0]) if isinstance(k, (tuple, list)) else int(k) for k in keys]
-        seeds = torch.tensor([k[1] if isinstance(k, (tuple, list)) else -1 for k in keys], dtype=torch.int64)
+        positions, seeds = split_keys(keys)
         images = self.store.encoded(positions)
         if self.decode:
             images = images.to("cpu")

@@ -4,6 +4,7 @@ train/val split. `sources.build_datasets` makes them; `two_views` turns them int
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import warnings
@@ -15,6 +16,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+
+log = logging.getLogger(__name__)
 
 # The held-out validation images must not move when the training seed changes.
 VAL_SPLIT_SEED = 20200309
@@ -46,7 +49,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def unreadable_reason(err: BaseException, path: str, image_format: str | None = None) -> str:
     """A few words on why a file could not be decoded, e.g. "truncated JPEG", "not an image".
     `image_format` is PIL's name for it when its header was read, else its extension's."""
-    text = str(err)
+    text = (str(err).splitlines() or [""])[0]
+    if ".cpp:" in text:  # torchvision's decoders put their source location first ('x.cpp:171, ')
+        text = text.split(".cpp:", 1)[1].split(", ", 1)[-1]
     if isinstance(err, FileNotFoundError):
         return "file not found"
     if isinstance(err, PermissionError):
@@ -79,6 +84,21 @@ class UnreadableImageError(DataError):
     def skipped_line(self) -> str:
         """The one line a skipped file gets: 'skipped <path>: <reason>'."""
         return f"skipped {self.path}: {self.reason}"
+
+
+_reported: set[str] = set()  # unreadable files already named by this process
+_MAX_SKIP_LINES = 20  # per process (a DataLoader worker lives one epoch): a broken folder is not a flood
+
+
+def report_skipped(err: UnreadableImageError) -> None:
+    """Log a skipped file's line once per process, and at most _MAX_SKIP_LINES lines."""
+    if err.path in _reported or len(_reported) > _MAX_SKIP_LINES:
+        return
+    _reported.add(err.path)
+    if len(_reported) > _MAX_SKIP_LINES:
+        log.warning("more unreadable images skipped (not named; the first %d are above)", _MAX_SKIP_LINES)
+    else:
+        log.warning("%s", err.skipped_line)
 
 
 # ---------------------------------------------------------------- labelled image sets

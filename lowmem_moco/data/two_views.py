@@ -11,7 +11,6 @@ replaced, so the trainer's bad_images count per epoch is the number of unreadabl
 
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 import torch
@@ -20,24 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError
 from .augment import eval_transform
-from .images import LabelledImages, UnreadableImageError
+from .images import LabelledImages, UnreadableImageError, report_skipped
 from .loader import make_loader
-
-log = logging.getLogger(__name__)
-
-
-_warned: set[str] = set()  # unreadable files already reported by this process
-_MAX_SKIP_LINES = 20  # per process (a DataLoader worker lives one epoch): a broken folder is not a flood
-
-
-def _report_skip(err: UnreadableImageError) -> None:
-    if err.path in _warned or len(_warned) > _MAX_SKIP_LINES:
-        return
-    _warned.add(err.path)
-    if len(_warned) > _MAX_SKIP_LINES:
-        log.warning("more unreadable images skipped: the epoch line's bad_images counts them all")
-    else:
-        log.warning("%s", err.skipped_line)
 
 
 def _load_readable(base: LabelledImages, index: int, on_bad_image: str, known_bad: set[int]
@@ -56,7 +39,7 @@ def _load_readable(base: LabelledImages, index: int, on_bad_image: str, known_ba
                 raise
             known_bad.add(i)
             last = err
-            _report_skip(err)
+            report_skipped(err)
     where = f" (e.g. {last.path})" if last else ""
     raise DataError(f"none of the {len(base)} images could be read{where}; check that the data folder holds images")
 
