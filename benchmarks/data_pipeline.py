@@ -134,7 +134,7 @@ def _keys(size: int, batch: int, n_batches: int, seed: int = 0) -> list[list[tup
             for b in range(n_batches + 1)]
 
 
-class _ViewsInWorker:
+class ViewsInWorker:
     """transform for CachedBatches: both views made inside a CPU DataLoader worker."""
 
     def __init__(self, image_size: int):
@@ -181,7 +181,7 @@ def measure_pipeline(image_size: int, images: int = 5000, batch: int = 256, n_ba
                 result["batched_cpu_1thread"] = images_per_second(on(torch.device("cpu")), n_batches, batch)
             finally:
                 torch.set_num_threads(threads)
-        in_workers = cache.loader(keys, num_workers=workers, transform=_ViewsInWorker(image_size))
+        in_workers = cache.loader(keys, num_workers=workers, transform=ViewsInWorker(image_size))
         result["batched_cpu_workers"] = images_per_second(in_workers, n_batches, batch)
     if "cuda" in devices and torch.cuda.is_available():
         device = torch.device("cuda")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 import time
@@ -37,29 +36,13 @@ from lowmem_moco.data.encoded_store import SourceFiles
 from lowmem_moco.data.two_views import TwoViews
 from lowmem_moco.data.loader import make_loader
 
-from .data_pipeline import TARBALL, WORK_DIR, _keys, cifar_subset, composed_photos, folder_images, images_per_second
-
-
-class _Views:
-    """transform for the cache loaders: both views made inside a CPU DataLoader worker."""
-
-    def __init__(self, image_size: int):
-        self.augment = BatchedMoCoV2(image_size)
-
-    def __call__(self, images, seeds):
-        return self.augment.two_views(images, seeds)
+from .data_pipeline import (TARBALL, WORK_DIR, ViewsInWorker, _keys, cifar_subset, composed_photos, folder_images,
+                            images_per_second)
+from .suite import cpu_name
 
 
 def _decoded_only(images, seeds):
     return images
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def photos(count: int, work_dir: Path, tarball: Path) -> Path:
@@ -89,7 +72,7 @@ def measure_caches(image_size: int, images: int = 1000, batch: int = 128, n_batc
     stores["none"] = SourceFiles(data)
     paths = {"per_image": lambda: loader, "encoded_decode": lambda: stores["encoded"].loader(
         keys, workers, transform=_decoded_only)}
-    paths.update({name: (lambda store=store: store.loader(keys, workers, transform=_Views(image_size)))
+    paths.update({name: (lambda store=store: store.loader(keys, workers, transform=ViewsInWorker(image_size)))
                   for name, store in stores.items()})
     for _ in range(rounds):  # the paths take turns; the best round counts (others' load only slows)
         for name, make in paths.items():

@@ -103,7 +103,7 @@ def environment(device: str, threads: int | None = None) -> dict:
     env = dict(host=socket.gethostname(), platform=platform.platform(), python=platform.python_version(),
                torch=torch.__version__, timm=timm.__version__, accelerate=accelerate.__version__,
                threads=threads or torch.get_num_threads(), interop_threads=torch.get_num_interop_threads(),
-               cpu_count=os.cpu_count(), device=device, cpu=_cpu_name(),
+               cpu_count=os.cpu_count(), device=device, cpu=cpu_name(),
                omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -115,7 +115,7 @@ def environment(device: str, threads: int | None = None) -> dict:
     return env
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
