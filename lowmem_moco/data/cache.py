@@ -34,7 +34,7 @@ from PIL import Image
 
 from ..errors import DataError
 from .cache_files import PackedEntry, commit_manifest, estimated_total, new_build_id, split_keys, start_build
-from .images import UnreadableImageError, to_rgb
+from .decoding import UnreadableImageError, to_rgb
 from ..progress import DecodeBar
 from .ragged import RaggedImages
 from .loader import make_loader

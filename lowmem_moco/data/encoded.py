@@ -48,7 +48,7 @@ from .cache import fit_shorter_side
 from .cache_files import PackedEntry, commit_manifest, estimated_total, new_build_id, start_build
 from .encoded_images import PIL_FALLBACK, EncodedImages, is_jpeg, pil_rgb
 from .encoded_store import EncodedStore, positions_of, source_bytes
-from .images import UnreadableImageError, unreadable_reason
+from .decoding import UnreadableImageError, unreadable_reason
 from .loader import make_loader
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@
 `.to(device)` decodes: JPEG rows with one `torchvision.io.decode_jpeg(list, device=...)` call
 (batched on a GPU, in the calling thread on a CPU), always as RGB, so grayscale and CMYK
 JPEGs come out with three channels. Other formats (PNG, WebP, BMP, ...) take the named
-fallback `PIL_FALLBACK`: PIL on the CPU and images.to_rgb, exactly the per-image path's
+fallback `PIL_FALLBACK`: PIL on the CPU and decoding.to_rgb, exactly the per-image path's
 decoding. `.to("cpu")` runs the same code, which is how the GPU path is tested on a CPU.
 """
 
@@ -23,12 +23,12 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..errors import DataError
-from .images import UnreadableImageError, report_skipped, to_rgb, unreadable_reason
+from .decoding import UnreadableImageError, report_skipped, to_rgb, unreadable_reason
 from .ragged import RaggedImages
 
 
 JPEG_START = b"\xff\xd8\xff"  # SOI marker, then the first segment's marker
-PIL_FALLBACK = "PIL (images.to_rgb) on the CPU"
+PIL_FALLBACK = "PIL (decoding.to_rgb) on the CPU"
 
 
 def is_jpeg(data: bytes) -> bool:

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError
 from .augment import eval_transform
-from .images import LabelledImages, UnreadableImageError, report_skipped
+from .decoding import UnreadableImageError, report_skipped
+from .images import LabelledImages
 from .loader import make_loader
 
 
