@@ -131,7 +131,7 @@ def cell_config(cell: Cell) -> Config:
 def _lowmem(cell: Cell, device: torch.device) -> Workload:
     from accelerate import Accelerator
 
-    from lowmem_moco.train import build_model, build_step
+    from lowmem_moco.factory import build_model, build_step
 
     cfg = cell_config(cell)
     moco = build_model(cfg, device)

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 
 from lowmem_moco.data.lazy_views import CopiedView
 from lowmem_moco.plan.predict import view_dtype
-from lowmem_moco.train import build_model, build_step
+from lowmem_moco.factory import build_model, build_step
 
 
 def cuda_step_peaks(cfg, precision: str, checkpointing: bool, micro_batch: int) -> dict:

@@ -2,7 +2,7 @@
 
     python -m benchmarks.data_pipeline --image-size 32 --image-size 96
 
-Data: real CIFAR-10 JPEGs (a class-balanced subset of ../shared/data/cifar10-train-jpeg.tar.gz)
+Data: real CIFAR-10 JPEGs (a class-balanced subset of data/cifar10-train-jpeg.tar.gz)
 at 32 px; for larger sizes photo-sized JPEGs (alternately 500x375 and 375x500, each a
 mosaic of 12 CIFAR-10 images upscaled to 125 px), so both paths decode real files of the
 size and shapes of ImageNet's photos. Paths measured, same batches and count:
@@ -39,7 +39,7 @@ from lowmem_moco.data.images import FileImages
 from lowmem_moco.data.two_views import TwoViews
 from lowmem_moco.data.loader import make_loader
 
-TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
+from .measure import CIFAR10_TARBALL as TARBALL
 WORK_DIR = Path(tempfile.gettempdir()) / "lowmem_moco_bench"
 
 

@@ -32,10 +32,10 @@ from lowmem_moco.plan.predict import CUDA_MARGIN, PlannedStep
 
 from .cells import Cell
 from .data_pipeline import cifar_subset, measure_pipeline
-from .measure import REPO_ROOT, time_together
+from .measure import CIFAR10_TARBALL, REPO_ROOT, time_together
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
-TARBALL = REPO_ROOT / "data" / "cifar10-train-jpeg.tar.gz"
+TARBALL = CIFAR10_TARBALL
 CAP_GIB = 16
 FULL = dict(plan_recipe="recipes/imagenet_resnet50_mocov2.yaml", plan_overrides=[], micro_batches=(32, 128, 256),
             precision="fp16", speed=dict(arch="resnet50", image_size=224, micro_batch=128, batch=256,

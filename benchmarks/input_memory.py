@@ -30,7 +30,7 @@ from lowmem_moco.data.lazy_views import BatchedView
 from lowmem_moco.data.ragged import RaggedImages
 from lowmem_moco.plan.memtrack import CountedAsInputs, peak_by_category, step_tracker
 from lowmem_moco.plan.predict import PlannedStep
-from lowmem_moco.train import build_model, build_step
+from lowmem_moco.factory import build_model, build_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 2**20

@@ -34,6 +34,8 @@ from .cells import Cell, build
 MB = 2**20
 RESULT_MARK = "BENCHMARK-CELL-RESULT "
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The real images of the tests and the GPU command: one copy in the checkout (data/ is git-ignored).
+CIFAR10_TARBALL = REPO_ROOT / "data" / "cifar10-train-jpeg.tar.gz"
 
 
 def rss_mb() -> float:

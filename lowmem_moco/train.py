@@ -17,17 +17,16 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 
-from .backbones import backbone_plan_from_config, enable_grad_checkpointing, encoder_from_config
+from .backbones import backbone_plan_from_config
 from .checkpoint import export_backbone, load_latest, restore_training_state, save_checkpoint, training_state
-from .compiled import compile_encoders
 from .config import Config, flat_config, resolve_precision, save_config, validate_for_processes
 from .data.pipeline import build_pipeline
 from .data.sources import build_datasets
-from .engine.moco import MoCo, momentum_at
-from .engine.step import MoCoStep
+from .engine.moco import momentum_at
 from .errors import UserError
 from .eval.probes import knn_monitor
-from .optim import build_optimizer, lr_at
+from .factory import build_model, build_step
+from .optim import lr_at
 from .progress import MetricsLog, Progress, peak_memory_mb, trackers
 
 
@@ -43,31 +42,6 @@ def prepare_output_dir(path: Path) -> None:
     except OSError as err:
         raise UserError(f"output_dir {path} is not writable ({err.strerror}); "
                         f"choose another with output_dir=...") from None
-
-
-def build_model(cfg: Config, device) -> MoCo:
-    """f_q (timm backbone + head), its momentum copy f_k and the queue, on `device`: the model
-    that training, the benchmarks and the GPU check all start from."""
-    encoder = encoder_from_config(cfg)
-    if cfg.train.grad_checkpointing:
-        enable_grad_checkpointing(encoder.backbone, cfg.model.arch)
-    moco = MoCo(encoder, cfg.moco.queue_size, cfg.model.dim).to(device)
-    if cfg.train.channels_last:
-        moco.to(memory_format=torch.channels_last)
-    return moco
-
-
-def build_step(cfg: Config, moco: MoCo, accelerator, micro_batch: int | None = None) -> MoCoStep:
-    """The optimizer over f_q, prepared by `accelerator`, and the step that uses it
-    (`step.encoder_q`, `step.optimizer`: the prepared ones). With train.compile, f_q's and f_k's
-    backbones are compiled in place first (compiled.py: eager again if compiling fails)."""
-    if cfg.train.compile:
-        compile_encoders(moco)
-    encoder_q, optimizer = accelerator.prepare(moco.encoder_q, build_optimizer(moco.encoder_q.parameters(), cfg))
-    return MoCoStep(moco, optimizer, accelerator, micro_batch=micro_batch or cfg.micro_batch,
-                    key_chunks=cfg.moco.key_chunks, temperature=cfg.moco.temperature, symmetric=cfg.moco.symmetric,
-                    encoder_q=encoder_q, guard_bn_stats=cfg.train.grad_checkpointing,
-                    shuffle_across_processes=cfg.moco.shuffle_across_processes)
 
 
 # ------------------------------------------------------------------ the trainer

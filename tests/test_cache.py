@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_every_mode
+from support import write_every_mode
 from lowmem_moco.data import cache as cache_module
 from lowmem_moco.data.cache import CachedBatches, DecodedCache, fit_shorter_side
 from lowmem_moco.data.cache_files import shorter_side

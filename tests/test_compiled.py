@@ -20,7 +20,8 @@ from lowmem_moco.checkpoint import list_checkpoints, read_checkpoint
 from lowmem_moco.compiled import CompileFallback, compile_encoders, compile_module, is_compiled
 from lowmem_moco.config import load_config
 from lowmem_moco.errors import ConfigError
-from lowmem_moco.train import Trainer, build_model, build_step
+from lowmem_moco.factory import build_model, build_step
+from lowmem_moco.train import Trainer
 
 TINY = ["model.arch=test_resnet", "data.image_size=32", "model.dim=16", "moco.queue_size=64", "moco.key_chunks=4",
         "moco.momentum=0.9", "train.batch_size=16", "train.micro_batch_size=8"]

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import pytest
 
-from benchmarks.gpu import TARBALL, main
-
-# The copy that travels with a checkout (git-ignored), else the shared one.
-CIFAR_TARBALL = TARBALL if TARBALL.is_file() else Path(__file__).resolve().parents[2] / "shared/data" / TARBALL.name
+from benchmarks.gpu import TARBALL as CIFAR_TARBALL, main
 
 
 def test_gpu_command_smoke_writes_every_section(tmp_path):

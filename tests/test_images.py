@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from conftest import folder_cfg, write_every_mode
+from support import folder_cfg, write_every_mode
 from lowmem_moco.data import images
 from lowmem_moco.data.images import ArrayImages, FileImages, UnreadableImageError, small_images_report
 from lowmem_moco.data.sources import build_datasets

@@ -10,7 +10,7 @@ from lowmem_moco.data.lazy_views import BatchedView
 from lowmem_moco.data.pipeline import build_pipeline
 from lowmem_moco.data.sources import build_datasets
 from lowmem_moco.engine.views import whole
-from lowmem_moco.train import build_model, build_step
+from lowmem_moco.factory import build_model, build_step
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 CPU = torch.device("cpu")

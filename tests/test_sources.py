@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import folder_cfg, make_folder, save_image
+from support import folder_cfg, make_folder, save_image
 from lowmem_moco.config import DataConfig
 from lowmem_moco.data import sources
 from lowmem_moco.data.sources import build_datasets
@@ -94,7 +94,7 @@ def test_hidden_folders_are_not_classes(tmp_path):
 
 
 def test_mixed_formats_are_read_and_other_files_ignored_with_one_line(tmp_path, recwarn):
-    from conftest import write_every_mode
+    from support import write_every_mode
 
     write_every_mode(tmp_path / "a")  # JPEG, PNG, GIF, WebP, BMP, TIFF in every mode
     make_folder(tmp_path, {"b": 2})

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import folder_cfg, make_folder
+from support import folder_cfg, make_folder
 from lowmem_moco.data.augment import mocov2_transform
 from lowmem_moco.data.sources import build_datasets
 from lowmem_moco.data.two_views import EvalImages, TwoViews

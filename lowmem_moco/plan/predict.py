@@ -3,7 +3,7 @@
     step = PlannedStep(cfg, precision="fp16", checkpointing=True)
     prediction = step.predict(micro_batch=128)  # Prediction(peak_bytes=..., by_category={...})
 
-The step is the trainer's own: the model from `train.build_model`, the optimizer
+The step is the trainer's own: the model from `factory.build_model`, the optimizer
 from `build_optimizer`, `MoCoStep` with its micro-batches and key chunks, and input views made
 per key chunk and micro-batch as the pipeline's lazy views are. The model is built for real on
 the CPU (timm's constructors read values), then its parameters, buffers and optimizer state
@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from .memtrack import CountedAsInputs, peak_by_category, step_tracker
 from ..engine.step import MoCoStep
 from ..optim import build_optimizer
-from ..train import build_model
+from ..factory import build_model
 
 GiB = 2**30
 DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
