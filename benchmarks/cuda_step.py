@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from lowmem_moco.data.lazy_views import CopiedView
-from lowmem_moco.plan.predict import view_dtype
+from lowmem_moco.run_settings import view_dtype
 from lowmem_moco.factory import build_model, build_step
 
 
@@ -29,7 +29,7 @@ def cuda_step_peaks(cfg, precision: str, checkpointing: bool, micro_batch: int) 
     b, s = cfg.train.batch_size, cfg.data.image_size
     # Lazy views, as the pipeline hands them over: the batch waits in host memory and the step
     # copies one key chunk or micro-batch at a time to the GPU (what the planner plans).
-    views = [CopiedView(torch.randn(b, 3, s, s).to(view_dtype(cfg, precision)).pin_memory(), device, fmt)
+    views = [CopiedView(torch.randn(b, 3, s, s).to(view_dtype(cfg, precision, "cuda")).pin_memory(), device, fmt)
              for _ in range(2)]
     generator = torch.Generator().manual_seed(1)
     try:

@@ -79,7 +79,7 @@ def monitor_curve(run_dir: Path) -> list[dict]:
 
 
 def report(run_dir: Path, linear_epochs: int) -> dict:
-    cfg, trained, step = load_run(run_dir)
+    cfg, trained, step, _ = load_run(run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = build_datasets(cfg.data)
     started = time.perf_counter()

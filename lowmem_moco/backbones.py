@@ -32,6 +32,11 @@ def create_backbone(arch: str, image_size: int, small_image_stem: bool = False,
     `timm_kwargs` (model.timm_kwargs) reach timm.create_model where `arch` accepts them.
     """
     plan = plan_backbone(arch, image_size, small_image_stem, timm_kwargs, resnet_init)
+    return backbone_from_plan(plan, image_size)
+
+
+def backbone_from_plan(plan: BackbonePlan, image_size: int) -> tuple[nn.Module, int]:
+    """(the backbone `plan` describes, its feature width), after logging the plan's notes."""
     for note in plan.notes:
         log.warning(note)
     model = build_planned(plan)
@@ -90,11 +95,10 @@ def make_small_image_stem(model: nn.Module, arch: str = "") -> nn.Module:
 
 
 def load_exported_backbone(path: str | Path) -> nn.Module:
-    """An exported backbone (backbone.safetensors next to its backbone.json), rebuilt and loaded."""
+    """An exported backbone (backbone.safetensors next to its backbone.json), rebuilt and loaded:
+    the one way an export is read back (`lowmem-moco eval` on a run without checkpoints too)."""
     path = Path(path)
-    info = json.loads(path.with_suffix(".json").read_text())
-    plan = BackbonePlan(info["arch"], info["timm_kwargs"], info.get("rebuild_small_image_stem", False), ())
-    model = build_planned(plan)
+    model = build_planned(BackbonePlan.from_dict(json.loads(path.with_suffix(".json").read_text())))
     model.load_state_dict(timm.models.load_state_dict(str(path)))
     return model
 
@@ -150,12 +154,14 @@ def build_head(kind: str, in_dim: int, out_dim: int, hidden_dim: int | None = No
 
 
 class Encoder(nn.Module):
-    """Backbone followed by the projection head; the output is not yet normalised."""
+    """Backbone followed by the projection head; the output is not yet normalised. `plan` is how
+    the backbone was built: checkpoints and exports store it, resumes compare against it."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module, plan: BackbonePlan | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.plan = plan
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
@@ -164,19 +170,27 @@ class Encoder(nn.Module):
 def build_encoder(arch: str, image_size: int, small_image_stem: bool, dim: int,
                   head_hidden_dim: int | None = None, timm_kwargs: dict | None = None,
                   head: str = "mlp", resnet_init: str = "timm") -> Encoder:
-    backbone, width = create_backbone(arch, image_size, small_image_stem, timm_kwargs, resnet_init)
-    return Encoder(backbone, build_head(head, width, dim, head_hidden_dim))
+    plan = plan_backbone(arch, image_size, small_image_stem, timm_kwargs, resnet_init)
+    return encoder_from_plan(plan, image_size, dim, head, head_hidden_dim)
+
+
+def encoder_from_plan(plan: BackbonePlan, image_size: int, dim: int, head: str = "mlp",
+                      head_hidden_dim: int | None = None) -> Encoder:
+    backbone, width = backbone_from_plan(plan, image_size)
+    return Encoder(backbone, build_head(head, width, dim, head_hidden_dim), plan)
 
 
 def backbone_plan_from_config(cfg) -> BackbonePlan:
     """How a run's config (lowmem_moco.config.Config) builds its backbone; raises ConfigError
-    for an unknown arch or a timm kwarg that no architecture takes."""
+    for an unknown arch or a timm kwarg that no architecture takes. A run works it out once
+    (before any data work) and hands it on: the Encoder holds it, checkpoints store it."""
     m = cfg.model
     return plan_backbone(m.arch, cfg.data.image_size, m.small_image_stem, m.timm_kwargs, m.resnet_init)
 
 
-def encoder_from_config(cfg) -> Encoder:
-    """The query encoder a run's config describes."""
+def encoder_from_config(cfg, plan: BackbonePlan | None = None) -> Encoder:
+    """The query encoder a run's config describes; `plan`: the backbone's, when already worked
+    out (the run's own, or the one a checkpoint stored)."""
     m = cfg.model
-    return build_encoder(m.arch, cfg.data.image_size, m.small_image_stem, m.dim, m.head_hidden_dim,
-                         m.timm_kwargs, m.head, m.resnet_init)
+    plan = plan or backbone_plan_from_config(cfg)
+    return encoder_from_plan(plan, cfg.data.image_size, m.dim, m.head, m.head_hidden_dim)

@@ -25,12 +25,14 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .backbones import backbone_plan_from_config
+from .timm_args import BackbonePlan
 from .config import Config, config_from_dict
 from .errors import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{9})\.safetensors$")
-FORMAT_VERSION = 1
+# 2: the backbone's plan (timm arguments, stem) is stored as meta['backbone']; 1 had only the config.
+FORMAT_VERSION = 2
 
 
 def _crc(tensors: dict[str, torch.Tensor]) -> int:
@@ -154,12 +156,22 @@ def join_state(tensors: dict[str, torch.Tensor], skeleton):
 # ------------------------------------------------------------- a training run's state
 
 
-def check_compatible(saved: Config, cfg: Config, path: Path) -> None:
+def saved_backbone(meta: dict) -> BackbonePlan:
+    """How the saved run built its backbone: stored since format 2; worked out from its config
+    for a format-1 checkpoint (what the run then built)."""
+    if "backbone" in meta:
+        return BackbonePlan.from_dict(meta["backbone"])
+    return backbone_plan_from_config(config_from_dict(meta["config"]))
+
+
+def check_compatible(meta: dict, cfg: Config, plan: BackbonePlan, path: Path) -> None:
     """A checkpoint resumes only into the same model; other changes are allowed.
 
-    The backbone is compared by the arguments timm builds it with, not by the keys that led
-    there: model.resnet_init only changes the initial weights, which a resumed run replaces.
+    The backbone is compared by the arguments timm builds it with (`plan`, the run's own), not
+    by the keys that led there: model.resnet_init only changes the initial weights, which a
+    resumed run replaces.
     """
+    saved = config_from_dict(meta["config"])
     fields = ["model.arch", "model.small_image_stem", "model.dim", "model.head", "model.head_hidden_dim",
               "moco.queue_size"]
     for name in fields:
@@ -170,10 +182,17 @@ def check_compatible(saved: Config, cfg: Config, path: Path) -> None:
                                   f"use the same {name} to resume, or a new output_dir to start afresh")
     # Other keys can build the same backbone (an old run's timm_kwargs.zero_init_last: false is today's
     # resnet_init: torchvision), and the same keys another one (a ViT sized by data.image_size).
-    old, new = backbone_plan_from_config(saved).timm_kwargs, backbone_plan_from_config(cfg).timm_kwargs
+    old, new = saved_backbone(meta).to_dict()["timm_kwargs"], plan.to_dict()["timm_kwargs"]
     if old != new:
         raise CheckpointError(f"{path} holds a {cfg.model.arch} built with {old} but this config builds it with "
                               f"{new}; resume with the run's data.image_size and model settings, or a new output_dir")
+
+
+def model_state(tensors: dict[str, torch.Tensor], part: str = "") -> dict[str, torch.Tensor]:
+    """The state dict of the saved MoCo model (`part=""`) or of one of its modules (e.g.
+    "encoder_q"), from a checkpoint's tensors: the one place their "model." prefix is read."""
+    prefix = f"model.{part}." if part else "model."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def training_state(moco, optimizer, key_shuffle: torch.Generator, scaler, cfg, step: int, processes: int,
@@ -189,7 +208,7 @@ def training_state(moco, optimizer, key_shuffle: torch.Generator, scaler, cfg, s
             tensors[f"rng.cuda.{i}"] = s
     np_state = np.random.get_state()
     meta = {
-        "step": step, "config": cfg.to_dict(), "optimizer": opt_rest,
+        "step": step, "config": cfg.to_dict(), "backbone": moco.encoder_q.plan.to_dict(), "optimizer": opt_rest,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "processes": processes,
         "counters": counters, "rng_python": list(random.getstate()[1]),
@@ -201,14 +220,14 @@ def training_state(moco, optimizer, key_shuffle: torch.Generator, scaler, cfg, s
 def restore_training_state(tensors: dict[str, torch.Tensor], meta: dict, path: Path, cfg, moco, optimizer,
                            key_shuffle: torch.Generator, scaler) -> None:
     """Inverse of training_state, after checking that `cfg` may resume the run saved in `path`."""
-    check_compatible(config_from_dict(meta["config"]), cfg, path)
+    check_compatible(meta, cfg, moco.encoder_q.plan, path)
     saved_batch = meta["config"]["train"]["batch_size"]
     if saved_batch != cfg.train.batch_size:
         raise CheckpointError(f"{path} was trained with train.batch_size={saved_batch}; resuming with "
                               f"{cfg.train.batch_size} would change the data order and schedule. "
                               f"Use train.batch_size={saved_batch} (the micro-batch and the number of "
                               f"processes may change)")
-    moco.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    moco.load_state_dict(model_state(tensors))
     optimizer.load_state_dict(join_state(tensors, meta["optimizer"]))
     if meta["scaler"] is not None and scaler is not None:
         scaler.load_state_dict(meta["scaler"])
@@ -226,21 +245,19 @@ def restore_training_state(tensors: dict[str, torch.Tensor], meta: dict, path: P
 # ------------------------------------------------------------- exported backbone
 
 
-def export_backbone(backbone: torch.nn.Module, path: str | Path, cfg, step: int) -> Path:
+def export_backbone(backbone: torch.nn.Module, plan: BackbonePlan, path: str | Path, cfg, step: int) -> Path:
     """The backbone's weights under timm's own names, plus a JSON of how to rebuild it.
 
-    backbone.json's timm_kwargs are exactly the arguments the backbone was built with (after
-    filtering and stem adaptation), so timm.create_model(arch, num_classes=0, **timm_kwargs,
+    backbone.json's timm_kwargs are `plan`'s: exactly the arguments the backbone was built with
+    (after filtering and stem adaptation), so timm.create_model(arch, num_classes=0, **timm_kwargs,
     pretrained=True, pretrained_cfg_overlay=dict(file=path)) reloads it; when
     rebuild_small_image_stem is true (a small-image ResNet) use
     lowmem_moco.backbones.load_exported_backbone(path) instead (see README).
     """
     path = Path(path)
-    plan = backbone_plan_from_config(cfg)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     atomic_write_bytes(path, st_save(state, metadata={"format": "pt"}))
-    info = {"arch": cfg.model.arch, "timm_kwargs": plan.timm_kwargs, "small_image_stem": cfg.model.small_image_stem,
-            "rebuild_small_image_stem": plan.rebuild_stem, "image_size": cfg.data.image_size,
+    info = {**plan.to_dict(), "small_image_stem": cfg.model.small_image_stem, "image_size": cfg.data.image_size,
             "mean": list(cfg.augment.mean), "std": list(cfg.augment.std), "step": step}
     path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     return path

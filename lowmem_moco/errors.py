@@ -1,4 +1,4 @@
-"""The one exception type the command line turns into a clear message.
+"""The exceptions the command line turns into a clear message: `UserError` and its three kinds.
 
 Anything a user can cause (a typo in a recipe, an empty folder, an unknown backbone)
 raises `UserError` with a sentence naming the problem and the fix; the CLI prints that

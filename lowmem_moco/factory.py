@@ -15,12 +15,14 @@ from .config import Config
 from .engine.moco import MoCo
 from .engine.step import MoCoStep
 from .optim import build_optimizer
+from .timm_args import BackbonePlan
 
 
-def build_model(cfg: Config, device) -> MoCo:
+def build_model(cfg: Config, device, plan: BackbonePlan | None = None) -> MoCo:
     """f_q (timm backbone + head), its momentum copy f_k and the queue, on `device`: the model
-    that training, the benchmarks and the GPU check all start from."""
-    encoder = encoder_from_config(cfg)
+    that training, the benchmarks and the GPU check all start from. `plan`: the backbone's, when
+    the caller has already worked it out (the trainer does, before any data work)."""
+    encoder = encoder_from_config(cfg, plan)
     if cfg.train.grad_checkpointing:
         enable_grad_checkpointing(encoder.backbone, cfg.model.arch)
     moco = MoCo(encoder, cfg.moco.queue_size, cfg.model.dim).to(device)

@@ -75,7 +75,7 @@ class AugmentConfig:
     grayscale_prob: float = 0.2
     blur_prob: float = 0.5
     blur_sigma: list = field(default_factory=lambda: [0.1, 2.0])
-    # 0: the published blur, a Gaussian kernel reaching 3 sigma each side (never truncated).
+    # 0: the published blur, a Gaussian kernel reaching 4 sigma each side (data/blur.py: TRUNCATE).
     # N > 0 caps the kernel's half-width at N pixels: faster, no longer the published blur.
     blur_max_radius: int = 0
     flip_prob: float = 0.5

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import json
 import sys
 from dataclasses import dataclass
 
@@ -46,6 +47,16 @@ class BackbonePlan:
     timm_kwargs: dict  # exactly what timm.create_model gets besides num_classes=0
     rebuild_stem: bool  # a ResNet's small-image stem: apply backbones.make_small_image_stem after create_model
     notes: tuple[str, ...]  # one line per requested setting this architecture does not take
+
+    def to_dict(self) -> dict:
+        """What rebuilds this backbone, as JSON gives it back (lists, not tuples): stored in
+        checkpoints and backbone.json, so a saved run is compared and rebuilt without re-planning."""
+        return json.loads(json.dumps({"arch": self.arch, "timm_kwargs": self.timm_kwargs,
+                                      "rebuild_small_image_stem": self.rebuild_stem}))
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "BackbonePlan":
+        return cls(saved["arch"], saved["timm_kwargs"], saved.get("rebuild_small_image_stem", False), ())
 
 
 # ------------------------------------------------------------------ what an architecture accepts

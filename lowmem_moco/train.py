@@ -27,7 +27,9 @@ from .errors import UserError
 from .eval.probes import knn_monitor
 from .factory import build_model, build_step
 from .optim import lr_at
+from .plan.auto_batch import AUTO, choose_micro_batch
 from .progress import MetricsLog, Progress, peak_memory_mb, trackers
+from .run_settings import RunSettings, view_dtype
 
 
 # ------------------------------------------------------------------ set-up helpers
@@ -42,6 +44,14 @@ def prepare_output_dir(path: Path) -> None:
     except OSError as err:
         raise UserError(f"output_dir {path} is not writable ({err.strerror}); "
                         f"choose another with output_dir=...") from None
+
+
+def steps_per_epoch(images: int, batch_size: int) -> int:
+    """Optimizer steps in an epoch of `images` (the last partial batch is dropped)."""
+    if images < batch_size:
+        raise UserError(f"the training set has {images} images, fewer than one batch of {batch_size}; "
+                        f"lower train.batch_size or add images")
+    return images // batch_size
 
 
 # ------------------------------------------------------------------ the trainer
@@ -63,46 +73,49 @@ class Trainer:
                                kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         self.device = self.acc.device
         self.main = self.acc.is_main_process
-        self.auto_micro_batch = None  # how train.micro_batch_size=auto was resolved, if it was
-        if cfg.train.micro_batch_size == "auto":
-            from .plan.auto_batch import choose_micro_batch
-            cfg.train.micro_batch_size, self.auto_micro_batch = choose_micro_batch(
-                cfg, self.device, precision, self.acc.num_processes)
+        world = self.acc.num_processes
         # --- N processes: without a GPU, `accelerate launch --multi_gpu` starts independent runs
         launched = int(os.environ.get("WORLD_SIZE", "1"))
-        if launched > 1 and self.acc.num_processes == 1:
+        if launched > 1 and world == 1:
             raise UserError(f"{launched} processes were launched but accelerate joined none of them for data "
                             f"parallel (no GPU?); on a CPU launch with ACCELERATE_USE_CPU=true accelerate launch "
                             f"--multi_gpu --num_processes {launched} ...")
+
+        # Every check that needs no data, before any data is read or cached.
+        self.backbone_plan = backbone_plan_from_config(cfg)  # an unknown model.arch or timm kwarg fails here
+        self.found = load_latest(self.out)  # the checkpoint this run resumes from, read once
+        resumed_meta = self.found[1] if self.found else None
+        micro_batch, how = cfg.micro_batch, None
+        if cfg.train.micro_batch_size == AUTO:
+            micro_batch, how = choose_micro_batch(cfg, self.device, precision, world, resumed_meta)
+        validate_for_processes(cfg, world, micro_batch)
+        self.settings = RunSettings(precision, micro_batch, how, view_dtype(cfg, precision, self.device.type), world)
+        # From here the run reads a copy with the micro-batch resolved, as config.yaml and the
+        # checkpoints record it; the caller's config stays as it was validated.
+        self.cfg = cfg = self.settings.recorded_config(cfg)
         if self.main:
             prepare_output_dir(self.out)
 
-        backbone_plan_from_config(cfg)  # an unknown model.arch or timm kwarg fails before any data work
         self.data = build_datasets(cfg.data)
+        steps_per_epoch(len(self.data.train), cfg.train.batch_size)  # before a cache is built for too few images
         # No labelled test images (data.val_fraction=0 and no test split): nothing to monitor.
         self.knn_every = cfg.eval.knn_every if self.data.val is not None else 0
         if cfg.eval.knn_every and self.data.val is None and self.main:
             warnings.warn("the kNN monitor is off: data.val_fraction=0 and the data has no test split (a val/ "
                           "folder beside train/, data.val_dir, or CIFAR-10's test batch); give one, or set "
                           "data.val_fraction=0.1 to hold out 10% of the training images", stacklevel=2)
-        world = self.acc.num_processes
-        validate_for_processes(cfg, world)
         self.resumed_processes: int | None = None
-        view_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
         self.pipeline = build_pipeline(self.data.train, cfg, self.device, self.acc.process_index, world,
-                                       view_dtype if self.device.type == "cuda" else torch.float32)
-        self.steps_per_epoch = len(self.pipeline) // cfg.train.batch_size
-        if self.steps_per_epoch == 0:
-            raise UserError(f"the training set has {len(self.pipeline)} images, fewer than one batch of "
-                            f"{cfg.train.batch_size}; lower train.batch_size or add images")
+                                       self.settings.view_dtype)
+        self.steps_per_epoch = steps_per_epoch(len(self.pipeline), cfg.train.batch_size)  # unreadable files left out
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
 
         # Seeded right before the model: its initialisation must not depend on what the data
         # step above did (it keeps to private generators, but a data source may not).
         set_seed(cfg.train.seed)
-        self.moco = build_model(cfg, self.device)
-        self.step_fn = build_step(cfg, self.moco, self.acc)
+        self.moco = build_model(cfg, self.device, self.backbone_plan)
+        self.step_fn = build_step(cfg, self.moco, self.acc, micro_batch)
         self.encoder_q, self.optimizer = self.step_fn.encoder_q, self.step_fn.optimizer
         self.key_shuffle = torch.Generator().manual_seed(cfg.train.seed + 1)
         self.step = 0
@@ -110,16 +123,16 @@ class Trainer:
                          "epoch_loss_sum": 0.0, "epoch_steps": 0}
         self.resumed_from = self._resume()
         if self.main:
-            save_config(cfg, self.out / "config.yaml")
-        self.acc.init_trackers(self.out.name, config=flat_config(cfg))
+            save_config(self.cfg, self.out / "config.yaml")
+        self.acc.init_trackers(self.out.name, config=flat_config(self.cfg))
 
     # -------------------------------------------------------------- resume and save
 
     def _resume(self) -> Path | None:
-        found = load_latest(self.out)
-        if found is None:
+        if self.found is None:
             return None
-        tensors, meta, path = found
+        tensors, meta, path = self.found
+        self.found = None  # the tensors are in the model now: do not hold a second copy
         restore_training_state(tensors, meta, path, self.cfg, self.moco, self.optimizer, self.key_shuffle,
                                self.acc.scaler)
         # --- N processes: the effective batch matched, so another number of processes is fine
@@ -194,8 +207,8 @@ class Trainer:
                               lr=last.get("lr", 0.0),
                               images_per_sec=epoch_images / (time.perf_counter() - epoch_start),
                               peak_mem_mb=peak_memory_mb(self.device), **self.counters_public(),
-                              **({"micro_batch_size": cfg.micro_batch, "micro_batch_auto": True}
-                                 if self.auto_micro_batch else {}))
+                              **({"micro_batch_size": self.settings.micro_batch, "micro_batch_auto": True}
+                                 if self.settings.micro_batch_how else {}))
                 if self.knn_every and ((epoch + 1) % self.knn_every == 0 or self.step >= self.stop_step):
                     record["knn_top1"] = self.knn()
                 metrics.write(**record)
@@ -231,7 +244,8 @@ class Trainer:
                 f"moco.key_chunks={min(c.train.batch_size // 2, c.moco.key_chunks * 2)}")
 
     def export(self) -> Path:
-        return export_backbone(self.moco.encoder_q.backbone, self.out / "backbone.safetensors", self.cfg, self.step)
+        encoder = self.moco.encoder_q
+        return export_backbone(encoder.backbone, encoder.plan, self.out / "backbone.safetensors", self.cfg, self.step)
 
     def _summary(self) -> str:
         c = self.cfg
@@ -245,7 +259,7 @@ class Trainer:
                 f"{', backbones compiled (train.compile)' if c.train.compile else ''}"
                 f" | batch {c.train.batch_size} = {c.micro_batch} x {per_process} micro-batches"
                 f" x {self.acc.num_processes} processes"
-                f"{f' (micro-batch auto: {self.auto_micro_batch})' if self.auto_micro_batch else ''}"
+                f"{f' (micro-batch auto: {self.settings.micro_batch_how})' if self.settings.micro_batch_how else ''}"
                 f", {c.moco.key_chunks} key chunks"
                 f"{' per process' if self.acc.num_processes > 1 else ''}"
                 f"{', shuffled across processes' if self.acc.num_processes > 1 and c.moco.shuffle_across_processes else ''}"

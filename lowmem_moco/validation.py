@@ -1,7 +1,7 @@
 """Every check of a run configuration's values, in one place.
 
     validate(cfg)                                  at load (config.load_config): each key, each combination
-    validate_for_processes(cfg, world)             at start-up, once accelerate knows the processes
+    validate_for_processes(cfg, world, micro)      at start-up, once accelerate knows the processes
     resolve_precision(requested, capability, gpu)  at start-up, once the device is known
 
 Each raises `ConfigError` with one line naming the key and the fix. What only the data can
@@ -113,9 +113,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.checkpoint_every and eval.knn_every must be >= 0 (0 turns them off)")
 
 
-def validate_for_processes(cfg: Config, world: int) -> None:
-    """The checks that need the number of processes (`world`), known once accelerate has started."""
-    batch, micro, chunks = cfg.train.batch_size, cfg.micro_batch, cfg.moco.key_chunks
+def validate_for_processes(cfg: Config, world: int, micro: int | None = None) -> None:
+    """The checks that need the number of processes (`world`), known once accelerate has started;
+    `micro`: the micro-batch the run trains with (what train.micro_batch_size=auto became)."""
+    batch, chunks = cfg.train.batch_size, cfg.moco.key_chunks
+    micro = micro or cfg.micro_batch
     if batch % (world * micro):
         raise ConfigError(f"train.batch_size ({batch}) must split into {world} processes x "
                           f"micro-batches of {micro}; change train.micro_batch_size")

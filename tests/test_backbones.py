@@ -9,9 +9,9 @@ import timm
 import torch
 from torch import nn
 
-from lowmem_moco.backbones import (build_encoder, build_head, create_backbone, enable_grad_checkpointing,
-                                   encoder_from_config, load_exported_backbone, make_small_image_stem,
-                                   output_width)
+from lowmem_moco.backbones import (backbone_plan_from_config, build_encoder, build_head, create_backbone,
+                                   enable_grad_checkpointing, encoder_from_config, load_exported_backbone,
+                                   make_small_image_stem, output_width)
 from lowmem_moco.checkpoint import export_backbone
 from lowmem_moco.config import load_config, save_config
 from lowmem_moco.errors import CheckpointError, ConfigError
@@ -150,12 +150,13 @@ def test_small_image_stem_elsewhere_is_one_log_line_and_no_change(caplog):
 def test_exported_small_stem_backbones_reload_bit_identical(tmp_path, arch, kwargs):
     cfg = load_config(None, [f"model.arch={arch}", "model.small_image_stem=true", "data.image_size=32",
                              "model.resnet_init=torchvision", f"output_dir={tmp_path}", *kwargs])
-    backbone = encoder_from_config(cfg).backbone.eval()
+    encoder = encoder_from_config(cfg)
+    backbone = encoder.backbone.eval()
     with torch.no_grad():  # a trained look: BatchNorm statistics and weights away from their init
         for tensor in backbone.state_dict().values():
             if tensor.is_floating_point():
                 tensor.add_(torch.rand_like(tensor) * 0.1)
-    path = export_backbone(backbone, tmp_path / "backbone.safetensors", cfg, step=3)
+    path = export_backbone(backbone, encoder.plan, tmp_path / "backbone.safetensors", cfg, step=3)
     save_config(cfg, tmp_path / "config.yaml")
     x = torch.randn(2, 3, 32, 32)
     reloaded = [load_exported_backbone(path), load_run(tmp_path)[1]]
@@ -173,12 +174,18 @@ def test_exported_small_stem_backbones_reload_bit_identical(tmp_path, arch, kwar
 def test_resume_refuses_another_head_or_backbone_size_but_not_an_init_that_changes_nothing(tmp_path):
     base = ["model.arch=vit_tiny_patch16_224", "model.timm_kwargs.depth=1", "data.image_size=32"]
     saved = load_config(None, base)
-    check_compatible(saved, load_config(None, base), tmp_path)
+    meta = {"config": saved.to_dict(), "backbone": backbone_plan_from_config(saved).to_dict()}
+
+    def check(*changes):
+        cfg = load_config(None, [*base, *changes])
+        check_compatible(meta, cfg, backbone_plan_from_config(cfg), tmp_path)
+
+    check()
     for change, key in [("model.head=linear", "model.head"), ("data.image_size=64", "img_size")]:
         with pytest.raises(CheckpointError, match=key):
-            check_compatible(saved, load_config(None, [*base, change]), tmp_path)
+            check(change)
     # A ViT has no ResNet init to change: the same backbone is built, so the run resumes.
-    check_compatible(saved, load_config(None, [*base, "model.resnet_init=torchvision"]), tmp_path)
+    check("model.resnet_init=torchvision")
 
 
 def test_family_without_checkpointing_gets_a_clear_message():

@@ -60,7 +60,7 @@ class MoCoStep:
         # Checkpointing re-runs the forward in backward, which would update BatchNorm running
         # statistics twice; they are put back after each backward.
         self.guard_bn_stats = guard_bn_stats
-        # The planner (plan.py) runs this step on fake tensors, which have shapes but no values:
+        # The planner (plan/predict.py) runs this step on fake tensors, which have shapes but no values:
         # it reads no loss and takes the finite-loss branch.
         self.planning = planning
 

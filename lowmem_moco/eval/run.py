@@ -15,27 +15,35 @@ import json
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from rich.console import Console
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
-from ..backbones import Encoder, encoder_from_config
-from ..checkpoint import atomic_write_bytes, export_backbone, load_latest
+from ..backbones import Encoder, encoder_from_config, load_exported_backbone
+from ..checkpoint import atomic_write_bytes, export_backbone, load_latest, model_state, saved_backbone
 from ..config import Config, config_from_dict, load_config, read_recipe
 from ..data.augment import linear_train_transform
 from ..data.images import DataSplits
 from ..data.sources import build_datasets
 from ..data.two_views import eval_loader
 from ..errors import UserError
+from ..timm_args import BackbonePlan
 from .probes import extract_features, knn_accuracy, linear_probe, linear_probe_augmented
 
 
-def load_run(run_dir: str | Path, overrides: list[str] = (), head: bool | None = False
-             ) -> tuple[Config, torch.nn.Module, int]:
-    """(config with overrides, the run's backbone (with its projection head when `head`; None: as the
-    run's eval.knn_features says), training step of those weights)."""
+class LoadedRun(NamedTuple):
+    cfg: Config  # the run's config with the overrides
+    model: torch.nn.Module  # the backbone, or the Encoder (backbone + head) when asked for the head
+    step: int  # the training step of those weights
+    plan: BackbonePlan  # how the backbone was built, as the run stored it
+
+
+def load_run(run_dir: str | Path, overrides: list[str] = (), head: bool | None = False) -> LoadedRun:
+    """A run's newest weights: the Encoder when `head` (None: as the run's eval.knn_features says),
+    else its backbone; from the newest intact checkpoint, else from the exported backbone."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a lowmem-moco run (no config.yaml); give the output_dir of a training run")
@@ -43,13 +51,12 @@ def load_run(run_dir: str | Path, overrides: list[str] = (), head: bool | None =
     asked = head
     if head is None:
         head = cfg.eval.knn_features == "head"
-    encoder = encoder_from_config(cfg)
     found = load_latest(run_dir)
     if found is not None:
         tensors, meta, _ = found
-        prefix = "model.encoder_q."
-        encoder.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        return cfg, encoder if head else encoder.backbone, meta["step"]
+        encoder = encoder_from_config(cfg, saved_backbone(meta))  # built as the run built it
+        encoder.load_state_dict(model_state(tensors, "encoder_q"))
+        return LoadedRun(cfg, encoder if head else encoder.backbone, meta["step"], encoder.plan)
     exported = run_dir / "backbone.safetensors"
     if not exported.is_file():
         raise UserError(f"{run_dir} has neither checkpoints nor backbone.safetensors; train first")
@@ -58,8 +65,8 @@ def load_run(run_dir: str | Path, overrides: list[str] = (), head: bool | None =
                         f"evaluate backbone features (drop --head)")
     if head:
         warnings.warn(f"{run_dir} has no checkpoint, so no head (eval.knn_features=head): using backbone features")
-    encoder.backbone.load_state_dict(load_file(exported))
-    return cfg, encoder.backbone, json.loads(exported.with_suffix(".json").read_text()).get("step", -1)
+    info = json.loads(exported.with_suffix(".json").read_text())
+    return LoadedRun(cfg, load_exported_backbone(exported), info.get("step", -1), BackbonePlan.from_dict(info))
 
 
 def _probe_loader(cfg: Config, images, transform=None, shuffle: bool = False) -> torch.utils.data.DataLoader:
@@ -111,7 +118,7 @@ def evaluate_run(run_dir: str | Path, mode: str, overrides: list[str] = (), line
     """`head`: probe the head's output; None: kNN as the run's eval.knn_features says, linear on the backbone."""
     console = console or Console(highlight=False, soft_wrap=True)
     run_dir = Path(run_dir)
-    cfg, model, step = load_run(run_dir, overrides, head if head is not None or mode == "knn" else False)
+    cfg, model, step, _ = load_run(run_dir, overrides, head if head is not None or mode == "knn" else False)
     head = isinstance(model, Encoder)  # what load_run chose
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = build_datasets(cfg.data)
@@ -134,5 +141,5 @@ def evaluate_run(run_dir: str | Path, mode: str, overrides: list[str] = (), line
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    cfg, backbone, step = load_run(run_dir)
-    return export_backbone(backbone, Path(out) if out else Path(run_dir) / "backbone.safetensors", cfg, step)
+    cfg, backbone, step, plan = load_run(run_dir)
+    return export_backbone(backbone, plan, Path(out) if out else Path(run_dir) / "backbone.safetensors", cfg, step)

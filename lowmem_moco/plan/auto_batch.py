@@ -2,9 +2,10 @@
 
 - A run that resumes keeps the micro-batch its newest checkpoint was trained with: BatchNorm
   sees the same groups of images, so the run stays exact.
-- On a CUDA GPU, one process: the planner (plan.py) predicts the step for every micro-batch
-  that divides the effective batch and takes the largest whose peak fits the device's free
-  memory with the margin (plan.CUDA_MARGIN); checkpointing stays as the recipe sets it.
+- On a CUDA GPU, one process: the planner (plan/search.py) predicts the step for every
+  micro-batch that divides the effective batch and takes the largest whose peak fits the
+  device's free memory with the margin (plan/predict.py: CUDA_MARGIN); checkpointing stays as
+  the recipe sets it.
 - Otherwise (a CPU, several processes, or a model the planner cannot run): RULE_MAX_MICRO_BATCH,
   i.e. the largest divisor of each process's share of the batch that is at most 64. A CPU
   gains no speed from larger micro-batches, and 64 images per BatchNorm group keep memory
@@ -17,9 +18,9 @@ import warnings
 
 import torch
 
-from ..checkpoint import list_checkpoints, read_meta
 from ..config import Config
-from ..errors import CheckpointError, UserError
+from ..errors import UserError
+from .search import Planner, nothing_fits, search
 
 AUTO = "auto"
 RULE_MAX_MICRO_BATCH = 64
@@ -29,20 +30,19 @@ def rule_micro_batch(share: int) -> int:
     return max(m for m in range(1, min(share, RULE_MAX_MICRO_BATCH) + 1) if share % m == 0)
 
 
-def resumed_micro_batch(output_dir: str) -> int | None:
-    """The micro-batch of the newest checkpoint in `output_dir`, read from its header only."""
-    for path in reversed(list_checkpoints(output_dir)):
-        try:
-            saved = read_meta(path)["config"]["train"]
-        except CheckpointError:  # an unreadable checkpoint is skipped, as load_latest does
-            continue
-        return saved.get("micro_batch_size") or saved["batch_size"]
-    return None
+def resumed_micro_batch(meta: dict | None) -> int | None:
+    """The micro-batch a resumed run's checkpoint (its meta, as load_latest read it) trained with."""
+    if meta is None:
+        return None
+    saved = meta["config"]["train"]
+    return saved.get("micro_batch_size") or saved["batch_size"]
 
 
-def choose_micro_batch(cfg: Config, device: torch.device, precision: str, processes: int = 1) -> tuple[int, str]:
-    """(micro-batch, how it was chosen) for a config whose train.micro_batch_size is 'auto'."""
-    kept = resumed_micro_batch(cfg.output_dir)
+def choose_micro_batch(cfg: Config, device: torch.device, precision: str, processes: int = 1,
+                       resumed: dict | None = None) -> tuple[int, str]:
+    """(micro-batch, how it was chosen) for a config whose train.micro_batch_size is 'auto';
+    `resumed`: the meta of the checkpoint the run resumes from, if any."""
+    kept = resumed_micro_batch(resumed)
     if kept is not None:
         return kept, "kept from the checkpoint this run resumes"
     share = cfg.train.batch_size // processes
@@ -65,8 +65,6 @@ def choose_micro_batch(cfg: Config, device: torch.device, precision: str, proces
 
 def plan_micro_batch(cfg: Config, precision: str, free_bytes: int) -> tuple[int, int]:
     """(largest micro-batch predicted to fit `free_bytes` with the margin, its predicted peak)."""
-    from .search import Planner, nothing_fits, search
-
     planner = Planner(cfg, precision)
     with torch.random.fork_rng(devices=[]):  # building the model draws numbers: leave the run's alone
         result = search(planner, free_bytes, checkpointing=(cfg.train.grad_checkpointing,))

@@ -37,23 +37,23 @@ from ..errors import ConfigError
 from .memtrack import CountedAsInputs, peak_by_category, step_tracker
 from ..engine.step import MoCoStep
 from ..optim import build_optimizer
+from ..run_settings import MIXED_DTYPES, view_dtype
 from ..factory import build_model
 
 GiB = 2**30
-DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class Gpu:
     name: str
     capacity_gib: float  # assumed: what PyTorch reports as the card's total capacity
-    precision: str  # the mixed precision the card runs natively
+    capability: tuple[int, int]  # CUDA compute capability: which mixed precisions run natively
 
 
 # Assumed capacities (not measured here): PyTorch reports a 16 GB T4 as 14.56-14.76 GiB in
 # public out-of-memory messages; the others are their nominal size less the same ~2.5 %.
-GPUS = {g.name: g for g in [Gpu("t4", 14.56, "fp16"), Gpu("l4", 21.9, "bf16"), Gpu("a100-40", 39.0, "bf16"),
-                            Gpu("a100-80", 78.0, "bf16"), Gpu("h100", 78.0, "bf16")]}
+GPUS = {g.name: g for g in [Gpu("t4", 14.56, (7, 5)), Gpu("l4", 21.9, (8, 9)), Gpu("a100-40", 39.0, (8, 0)),
+                            Gpu("a100-80", 78.0, (8, 0)), Gpu("h100", 78.0, (9, 0))]}
 
 # Kept free of the budget for what the fake CPU step cannot see (module docstring):
 # PROVISIONAL (no GPU measurement yet): a fraction of the budget plus a fixed amount.
@@ -90,7 +90,7 @@ class _PlanningAccelerator:
     num_processes, process_index = 1, 0
 
     def __init__(self, precision: str):
-        self.dtype = DTYPES[precision]
+        self.dtype = MIXED_DTYPES[precision]
 
     def autocast(self):
         if self.dtype is None:
@@ -116,14 +116,6 @@ def _to_fake(module: nn.Module, mode: FakeTensorMode) -> None:
         for name, b in m._buffers.items():
             if b is not None and b.dim() > 0:
                 m._buffers[name] = mode.from_tensor(b)
-
-
-def view_dtype(cfg: Config, precision: str) -> torch.dtype:
-    """The views' dtype on a GPU: the batched pipeline (auto's choice there) writes them in the
-    mixed-precision dtype, the per-image one in fp32 (train.py, pipeline.py)."""
-    if cfg.data.augment == "per_image":
-        return torch.float32
-    return DTYPES[precision] or torch.float32
 
 
 def _zero_images(n: int, size: int, dtype: torch.dtype, memory_format) -> torch.Tensor:
@@ -198,7 +190,7 @@ class PlannedStep:
         step = MoCoStep(self.moco, self.optimizer, _PlanningAccelerator(self.precision), micro_batch=micro_batch,
                         key_chunks=cfg.moco.key_chunks, temperature=cfg.moco.temperature,
                         symmetric=cfg.moco.symmetric, guard_bn_stats=self.checkpointing, planning=self.fake)
-        size, dtype = cfg.data.image_size, view_dtype(cfg, self.precision)
+        size, dtype = cfg.data.image_size, view_dtype(cfg, self.precision, "cuda")
         tracker = step_tracker(lean=lean)
         with self._mode():
             if whole_batch_views:  # both views of the whole batch made before the step: Bx3xSxS each

@@ -6,18 +6,12 @@ from __future__ import annotations
 import json
 
 from ..config import Config, load_config
+from ..validation import resolve_precision
 from ..errors import ConfigError
 from .predict import CUDA_MARGIN, GPUS, GiB, Prediction, gpu, usable_bytes
 from .search import Planner, SearchResult, nothing_fits, overrides, search
 
 ORDER = ("params", "grads", "optimizer", "activations", "temporaries", "inputs", "queue", "buffers")
-
-
-def resolve_precision(cfg: Config, gpu_name: str | None) -> str:
-    """fp32 stays fp32; mixed precision becomes the card's own (a T4 has no native bf16)."""
-    if gpu_name is None or cfg.train.precision == "no":
-        return cfg.train.precision
-    return gpu(gpu_name).precision
 
 
 def plan(recipe: str, overrides_: list[str], gpu_name: str | None = None, budget_gb: float | None = None) -> dict:
@@ -28,7 +22,10 @@ def plan(recipe: str, overrides_: list[str], gpu_name: str | None = None, budget
         raise ConfigError(f"--budget-gb must be positive; got {budget_gb}")
     budget = int(gpu(gpu_name).capacity_gib * GiB) if gpu_name else (int(budget_gb * GiB) if budget_gb else None)
     cfg = load_config(recipe, overrides_)
-    precision = resolve_precision(cfg, gpu_name)
+    # The precision training would run on that card (a T4 has no native bf16); a bare budget
+    # is a GPU of unknown kind, which runs what the recipe asks.
+    card = gpu(gpu_name) if gpu_name else None
+    precision = resolve_precision(cfg.train.precision, card.capability, card.name) if card else cfg.train.precision
     planner = Planner(cfg, precision)
     result: SearchResult | None = search(planner, budget) if budget is not None else None
     if cfg.train.micro_batch_size == "auto":  # what the trainer would choose on this budget
