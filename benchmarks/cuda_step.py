@@ -1,4 +1,4 @@
-"""The training step of a config on a real GPU, built as lowmem_moco/train.py builds it, and its
+"""The training step of a config on a real GPU, built as lowmem_moco/trainer.py builds it, and its
 peak memory: what the planner (lowmem_moco/plan/predict.py) predicts, measured."""
 
 from __future__ import annotations

@@ -116,14 +116,14 @@ def speed(s: dict, device: str) -> dict:
 
 
 def cifar_run(s: dict, tarball: Path, work: Path) -> dict:
-    from lowmem_moco.train import train
+    from lowmem_moco.trainer import Trainer
 
     root = cifar_subset(s["cifar_images"], work, tarball)
     out = work / f"run-{time.time_ns()}"
     cfg = load_config("recipes/cifar10_resnet18.yaml", ["data.source=folder", f"data.root={root}",
                                                         f"output_dir={out}"] + s["cifar_overrides"])
     start = time.perf_counter()
-    train(cfg)
+    Trainer(cfg).fit()
     wall = time.perf_counter() - start
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r.get("kind") == "epoch"]

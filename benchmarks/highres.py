@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from lowmem_moco.config import load_config
-from lowmem_moco.train import Trainer
+from lowmem_moco.trainer import Trainer
 
 from .suite import environment
 

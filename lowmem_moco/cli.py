@@ -52,11 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _train(args) -> None:
+def _train(args) -> int:
     from .config import load_config
-    from .train import train
+    from .stopping import EXIT_CODE
+    from .trainer import Trainer
 
-    train(load_config(args.recipe, args.overrides))
+    trainer = Trainer(load_config(args.recipe, args.overrides))
+    trainer.fit()
+    return EXIT_CODE if trainer.stopped else 0
 
 
 def _eval(args) -> None:
@@ -102,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     warnings.showwarning = lambda message, category, *a, **k: err.print(f"[yellow]warning:[/] {escape(str(message))}")
     try:
-        {"train": _train, "eval": _eval, "export": _export, "config": _config, "views": _views,
-         "plan": _plan}[args.command](args)
+        code = {"train": _train, "eval": _eval, "export": _export, "config": _config, "views": _views,
+                "plan": _plan}[args.command](args)
     except UserError as e:
         if args.debug:
             raise
@@ -112,4 +115,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted; run the same command again to resume from the last checkpoint")
         return 130
-    return 0
+    return code or 0

@@ -78,6 +78,8 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
         value = _BOOL_WORDS[value.lower()]
     if key in ALIASES and isinstance(value, (str, bool)):
         value = ALIASES[key].get(value.lower() if isinstance(value, str) else value, value)
+    if base is str and key not in CHOICES and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # YAML reads 2024 or 40 as numbers; a text key takes them as written
     if key in CHOICES and not isinstance(value, str):
         raise ConfigError(f"{key} must be one of {', '.join(CHOICES[key])}; got {value!r} ({where})")
     ok = (
@@ -161,13 +163,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(recipe: str | Path | None = None, overrides: list[str] = (), base: Config | None = None) -> Config:
-    """Defaults (or `base`, e.g. a finished run's config), then the recipe, then overrides."""
+def load_config(recipe: str | Path | None = None, overrides: list[str] | dict = (),
+                base: Config | None = None) -> Config:
+    """Defaults (or `base`, e.g. a finished run's config), then the recipe, then overrides:
+    `key=value` strings (the command line's, values read as YAML) or a dict of dotted keys to
+    values (Python callers, e.g. {"train.epochs": 1})."""
     cfg = copy.deepcopy(base) if base is not None else Config()
     if recipe is not None:
         for key, value in _flatten(read_recipe(recipe)).items():
             _apply(cfg, key, value, f"in {recipe}")
-    for text in overrides:
+    if isinstance(overrides, dict):
+        for key, value in overrides.items():
+            _apply(cfg, key, value, "in the overrides")
+    for text in overrides if not isinstance(overrides, dict) else ():
         key, value = parse_override(text)
         _apply(cfg, key, value, "on the command line")
     validate(cfg)

@@ -120,6 +120,9 @@ class TrainConfig:
     micro_batch_size: Optional[int] = None
     epochs: int = 200
     max_steps: Optional[int] = None  # stop after this many optimizer steps (schedule unchanged)
+    # Stop (checkpoint saved, exit 130) before a step that would end past this much time after
+    # start, e.g. 11h30m, 170m, 40s: a Colab session's limit. None: no limit.
+    time_limit: Optional[str] = None
     optimizer: str = "sgd"  # sgd (momentum 0.9) | adamw
     lr: float = 0.03
     weight_decay: float = 1e-4

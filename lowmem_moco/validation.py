@@ -6,12 +6,13 @@
 
 Each raises `ConfigError` with one line naming the key and the fix. What only the data can
 tell (fewer images than one batch, an unreadable folder) is checked where the data is read
-(data/, train.py), and what needs timm (an unknown model.arch or timm kwarg) in backbones.py
+(data/, trainer.py), and what needs timm (an unknown model.arch or timm kwarg) in backbones.py
 and timm_args.py, run before any data work.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any
 
@@ -109,8 +110,27 @@ def validate(cfg: Config) -> None:
                           f"per step; raise it to at least {keys_per_step}")
     if t.max_steps is not None and t.max_steps <= 0:
         raise ConfigError(f"train.max_steps must be positive or null; got {t.max_steps}")
+    time_limit_seconds(t.time_limit)
     if t.checkpoint_every < 0 or cfg.eval.knn_every < 0:
         raise ConfigError("train.checkpoint_every and eval.knn_every must be >= 0 (0 turns them off)")
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def time_limit_seconds(text: str | None) -> float | None:
+    """train.time_limit in seconds: hours, minutes and seconds in that order, e.g. 11h30m, 170m,
+    40s, 1.5h; None for no limit."""
+    if text is None:
+        return None
+    found = _DURATION.fullmatch(str(text).strip().lower())
+    if not found or not any(found.groups()):
+        raise ConfigError(f"train.time_limit={text!r} is not a duration; write it like 11h30m, 170m or 40s")
+    hours, minutes, seconds = (float(g or 0) for g in found.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise ConfigError(f"train.time_limit={text!r} must be longer than zero; e.g. train.time_limit=11h30m")
+    return total
 
 
 def validate_for_processes(cfg: Config, world: int, micro: int | None = None) -> None:

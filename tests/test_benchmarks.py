@@ -124,7 +124,7 @@ def test_quality_report_compares_the_run_with_its_own_init_and_the_naive_step(tm
     from benchmarks.quality import initial_encoder, main as quality_main
     from lowmem_moco.eval.run import evaluate_run
     from lowmem_moco.config import load_config
-    from lowmem_moco.train import Trainer
+    from lowmem_moco.trainer import Trainer
 
     cfg = load_config(None, [
         "data.source=synthetic", "data.synthetic_size=128", "data.image_size=32", "data.num_workers=0",

@@ -21,7 +21,7 @@ from lowmem_moco.compiled import CompileFallback, compile_encoders, compile_modu
 from lowmem_moco.config import load_config
 from lowmem_moco.errors import ConfigError
 from lowmem_moco.factory import build_model, build_step
-from lowmem_moco.train import Trainer
+from lowmem_moco.trainer import Trainer
 
 TINY = ["model.arch=test_resnet", "data.image_size=32", "model.dim=16", "moco.queue_size=64", "moco.key_chunks=4",
         "moco.momentum=0.9", "train.batch_size=16", "train.micro_batch_size=8"]

@@ -9,7 +9,7 @@ from PIL import Image
 from lowmem_moco.config import load_config
 from lowmem_moco.plan.predict import PlannedStep
 from lowmem_moco.plan.memtrack import CountedAsInputs, peak_by_category, step_tracker
-from lowmem_moco.train import Trainer
+from lowmem_moco.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 SIZE = 512

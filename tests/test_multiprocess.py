@@ -65,7 +65,7 @@ def worker(out: Path) -> None:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     from lowmem_moco.config import load_config
-    from lowmem_moco.train import Trainer
+    from lowmem_moco.trainer import Trainer
 
     for shuffle in (False, True):
         run_dir = out / f"shuffle-{shuffle}"
@@ -129,7 +129,7 @@ def free_port() -> int:
 
 def single_process(out: Path, shuffle: bool, key_chunks: int, *extra: str) -> tuple[dict, object]:
     from lowmem_moco.config import load_config
-    from lowmem_moco.train import Trainer
+    from lowmem_moco.trainer import Trainer
 
     trainer = Trainer(load_config(None, overrides(out, shuffle, key_chunks, *extra)))
     return snapshot(trainer, trainer.fit()), trainer

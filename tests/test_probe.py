@@ -9,7 +9,7 @@ import torch
 
 from lowmem_moco.cli import main
 from lowmem_moco.config import load_config
-from lowmem_moco.train import train
+from lowmem_moco.trainer import Trainer
 
 TINY = ["data.source=synthetic", "data.synthetic_size=128", "data.image_size=32", "data.num_workers=0",
         "model.arch=test_resnet", "model.dim=16", "moco.queue_size=64", "moco.key_chunks=2",
@@ -19,7 +19,7 @@ TINY = ["data.source=synthetic", "data.synthetic_size=128", "data.image_size=32"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    train(load_config(None, [*TINY, f"output_dir={out}"]))
+    Trainer(load_config(None, [*TINY, f"output_dir={out}"])).fit()
     return out
 
 

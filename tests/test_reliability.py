@@ -16,7 +16,7 @@ from lowmem_moco.cli import main
 from lowmem_moco.config import load_config
 from lowmem_moco.errors import CheckpointError, UserError
 from lowmem_moco.engine.step import MoCoStep, StepResult
-from lowmem_moco.train import Trainer, train
+from lowmem_moco.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.source=synthetic", "data.synthetic_size=128", "data.image_size=32", "data.num_workers=0",
@@ -139,13 +139,13 @@ def test_an_unreadable_image_is_counted_once_per_epoch_in_bad_images(tmp_path):
     (data / "a" / "0.jpg").write_bytes(whole[:len(whole) // 2])
     cfg = tiny(tmp_path / "run", "data.source=folder", f"data.root={data}", "data.val_fraction=0",
                "data.image_size=16", "data.augment=per_image", "train.epochs=2")
-    train(cfg)
+    Trainer(cfg).fit()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["bad_images"] for r in records if r.get("kind") == "epoch"] == [1, 1]
 
 
 def test_resume_with_another_effective_batch_is_refused(tmp_path):
-    train(tiny(tmp_path, "train.max_steps=1"))
+    Trainer(tiny(tmp_path, "train.max_steps=1")).fit()
     with pytest.raises(CheckpointError, match="train.batch_size=32"):
         Trainer(tiny(tmp_path, "train.batch_size=64"))
 

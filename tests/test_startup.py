@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
 import lowmem_moco.backbones as backbones_module
-import lowmem_moco.train as train_module
+import lowmem_moco.trainer as train_module
 from lowmem_moco.checkpoint import list_checkpoints, read_meta
 from lowmem_moco.config import load_config
 from lowmem_moco.errors import CheckpointError, ConfigError, UserError
-from lowmem_moco.train import Trainer
+from lowmem_moco.trainer import Trainer
 
 TINY = [
     "data.source=synthetic", "data.synthetic_size=64", "data.image_size=32", "data.num_workers=0",

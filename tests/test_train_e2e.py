@@ -15,7 +15,7 @@ from lowmem_moco.checkpoint import list_checkpoints, read_checkpoint
 from lowmem_moco.cli import main
 from lowmem_moco.config import load_config
 from lowmem_moco.errors import CheckpointError, UserError
-from lowmem_moco.train import Trainer, train
+from lowmem_moco.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ TINY = [
 
 
 def run(out, *extra):
-    return train(load_config(None, [*TINY, f"output_dir={out}", *extra]))
+    return Trainer(load_config(None, [*TINY, f"output_dir={out}", *extra])).fit()
 
 
 def metrics(out):
@@ -169,7 +169,7 @@ def test_trackers_receive_every_metrics_record_and_missing_packages_are_named(tm
     from accelerate.tracking import GeneralTracker
 
     import lowmem_moco.progress as progress
-    import lowmem_moco.train as train_module
+    import lowmem_moco.trainer as train_module
 
     class Recorder(GeneralTracker):
         name, requires_logging_directory = "recorder", False

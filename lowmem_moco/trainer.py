@@ -18,7 +18,8 @@ from accelerate.utils import DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 
 from .backbones import backbone_plan_from_config
-from .checkpoint import export_backbone, load_latest, restore_training_state, save_checkpoint, training_state
+from .checkpoint import (CHECKPOINT_DIR, export_backbone, load_latest, restore_training_state, save_checkpoint,
+                         training_state)
 from .config import Config, flat_config, resolve_precision, save_config, validate_for_processes
 from .data.pipeline import build_pipeline
 from .data.sources import build_datasets
@@ -30,6 +31,8 @@ from .optim import lr_at
 from .plan.auto_batch import AUTO, choose_micro_batch
 from .progress import MetricsLog, Progress, peak_memory_mb, trackers
 from .run_settings import RunSettings, view_dtype
+from .stopping import StopRequests
+from .validation import time_limit_seconds
 
 
 # ------------------------------------------------------------------ set-up helpers
@@ -122,6 +125,8 @@ class Trainer:
         self.counters = {"skipped_steps": 0, "nonfinite_in_a_row": 0, "bad_images": 0,
                          "epoch_loss_sum": 0.0, "epoch_steps": 0}
         self.resumed_from = self._resume()
+        self.saved_step = self.step if self.resumed_from else None
+        self.stopped: str | None = None  # why fit() stopped early: SIGINT, SIGTERM or time_limit
         if self.main:
             save_config(self.cfg, self.out / "config.yaml")
         self.acc.init_trackers(self.out.name, config=flat_config(self.cfg))
@@ -141,12 +146,27 @@ class Trainer:
         self.step, self.counters = meta["step"], meta["counters"]
         return path
 
-    def save(self) -> None:
+    def save(self, stop: StopRequests | None = None) -> None:
+        if self.saved_step == self.step:  # a stop right after a checkpoint: nothing new to write
+            return
+        started = time.perf_counter()
         if self.main:
             tensors, meta = training_state(self.moco, self.optimizer, self.key_shuffle, self.acc.scaler,
                                            self.cfg, self.step, self.acc.num_processes, self.counters)
             save_checkpoint(self.out, self.step, tensors, meta, keep=self.cfg.train.keep_checkpoints)
         self.acc.wait_for_everyone()
+        self.saved_step = self.step
+        if stop is not None:
+            stop.saved(time.perf_counter() - started)
+
+    def _agreed_stop(self, reason: str | None) -> str | None:
+        """This process's reason to stop, or, with several processes, the most urgent of any
+        process's: they must all stop before the same step (each gets its own signal and clock)."""
+        if self.acc.num_processes == 1:
+            return reason
+        codes = [None, "time_limit", "SIGTERM", "SIGINT"]
+        mine = torch.tensor([codes.index(reason)], device=self.device)
+        return codes[int(self.acc.gather(mine).max())]
 
     # -------------------------------------------------------------- evaluation
 
@@ -165,14 +185,17 @@ class Trainer:
             metrics.write(epoch=0, step=0, kind="eval", knn_top1=self.knn())
             progress.note(f"kNN top-1 before training: {metrics.last['knn_top1']:.2f}%")
         last = {}
-        with progress:
-            while self.step < self.stop_step:
+        with progress, StopRequests(time_limit_seconds(t.time_limit)) as stop:
+            while self.step < self.stop_step and not self.stopped:
                 epoch, start = divmod(self.step, self.steps_per_epoch)
                 if start == 0:  # a resumed epoch keeps the loss sums saved with the checkpoint
                     self.counters.update(epoch_loss_sum=0.0, epoch_steps=0, bad_images=0)
                 epoch_images, epoch_start = 0, time.perf_counter()
                 window_start, window_images = time.perf_counter(), 0
                 for view_q, view_k, skipped in self.pipeline.epoch(epoch, start):
+                    self.stopped = self._agreed_stop(stop.reason())
+                    if self.stopped:  # before the step: the checkpoint below holds every step taken
+                        break
                     lr = lr_at(self.step, self.steps_per_epoch, t)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
@@ -197,10 +220,15 @@ class Trainer:
                         metrics.write(kind="step", momentum=m, skipped_steps=self.counters["skipped_steps"], **last)
                         progress.log_line(last)
                         window_start, window_images = time.perf_counter(), 0
+                    stop.step_done()
                     if t.checkpoint_every and self.step % t.checkpoint_every == 0:
-                        self.save()
+                        self.save(stop)
                     if self.step >= self.stop_step:
                         break
+                if self.stopped:
+                    metrics.write(epoch=epoch + 1, step=self.step, kind="stop", reason=self.stopped)
+                    self.save(stop)
+                    break
                 epoch_done = self.step % self.steps_per_epoch == 0
                 record = dict(epoch=epoch + 1, step=self.step, kind="epoch" if epoch_done else "partial_epoch",
                               loss=self.counters["epoch_loss_sum"] / max(1, self.counters["epoch_steps"]),
@@ -213,8 +241,11 @@ class Trainer:
                     record["knn_top1"] = self.knn()
                 metrics.write(**record)
                 progress.epoch_line(record)
-                self.save()
-        if self.main:
+                self.save(stop)
+        if self.stopped:
+            progress.print(f"stopped before step {self.step + 1} ({self.stopped}); checkpoint step {self.step} is in "
+                           f"{self.out / CHECKPOINT_DIR}: run the same command again to resume")
+        elif self.main:
             self.export()
         for tracker in self.acc.trackers:  # not acc.end_training(): it also ends the process group
             tracker.finish()
@@ -266,7 +297,3 @@ class Trainer:
                 f", K {c.moco.queue_size}"
                 f" | {len(self.data.train)} images, {self.steps_per_epoch} steps/epoch, {c.train.epochs} epochs"
                 f" | output {self.out}{resumed}")
-
-
-def train(cfg: Config) -> dict:
-    return Trainer(cfg).fit()
