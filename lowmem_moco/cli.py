@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="predict a recipe's peak GPU memory on any machine; find what fits a GPU")
     pl.add_argument("recipe")
     pl.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.micro_batch_size=64")
-    pl.add_argument("--gpu", help="t4, l4, a100-40, a100-80 or h100: its capacity and native precision")
+    pl.add_argument("--gpu", help="t4, l4, a100-40, a100-80 or h100: its capacity and native precision; "
+                                  "auto: this machine's CUDA GPU")
     pl.add_argument("--budget-gb", type=float, help="a memory budget in GiB instead of --gpu")
     pl.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     cv = sub.add_parser("plot", help="draw runs' training curves (loss, lr, kNN, img/s, memory) from metrics.jsonl")
