@@ -1,4 +1,4 @@
-"""`lowmem-moco train | eval | export | config | views`, also as `python -m lowmem_moco` and under
+"""`lowmem-moco train | eval | export | config | views | plan | plot`, also as `python -m lowmem_moco` and under
 `accelerate launch -m lowmem_moco`. User mistakes print one sentence, not a traceback."""
 
 from __future__ import annotations
@@ -46,9 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="predict a recipe's peak GPU memory on any machine; find what fits a GPU")
     pl.add_argument("recipe")
     pl.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.micro_batch_size=64")
-    pl.add_argument("--gpu", help="t4, l4, a100-40, a100-80 or h100: its capacity and native precision")
+    pl.add_argument("--gpu", help="t4, l4, a100-40, a100-80 or h100: its capacity and native precision; "
+                                  "auto: this machine's CUDA GPU")
     pl.add_argument("--budget-gb", type=float, help="a memory budget in GiB instead of --gpu")
     pl.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    cv = sub.add_parser("plot", help="draw runs' training curves (loss, lr, kNN, img/s, memory) from metrics.jsonl")
+    cv.add_argument("runs", nargs="+", metavar="RUN", help="output_dirs of training runs; several share the axes")
+    cv.add_argument("--out", default="curves.png", help="the picture to write")
     return p
 
 
@@ -99,6 +103,12 @@ def _plan(args) -> None:
     plan_main(args.recipe, args.overrides, args.gpu, args.budget_gb, args.json)
 
 
+def _plot(args) -> None:
+    from .curves import save_curves
+
+    print(f"wrote {save_curves(args.runs, args.out)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
@@ -106,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = lambda message, category, *a, **k: err.print(f"[yellow]warning:[/] {escape(str(message))}")
     try:
         code = {"train": _train, "eval": _eval, "export": _export, "config": _config, "views": _views,
-                "plan": _plan}[args.command](args)
+                "plan": _plan, "plot": _plot}[args.command](args)
     except UserError as e:
         if args.debug:
             raise

@@ -67,7 +67,7 @@ def usable_bytes(budget_bytes: int, margin: dict = CUDA_MARGIN) -> int:
 
 def gpu(name: str) -> Gpu:
     if name not in GPUS:
-        raise ConfigError(f"unknown --gpu {name!r}; known GPUs: {', '.join(GPUS)} (or give --budget-gb N)")
+        raise ConfigError(f"unknown --gpu {name!r}; known GPUs: {', '.join(GPUS)} (or --gpu auto, or --budget-gb N)")
     return GPUS[name]
 
 

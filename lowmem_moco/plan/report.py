@@ -1,4 +1,4 @@
-"""`lowmem-moco plan RECIPE [key=value ...] [--gpu NAME | --budget-gb N] [--json]`: the
+"""`lowmem-moco plan RECIPE [key=value ...] [--gpu NAME | --gpu auto | --budget-gb N] [--json]`: the
 predicted peak by category, the capacity and headroom, and the overrides that fit."""
 
 from __future__ import annotations
@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 
 from ..config import Config, load_config
-from ..validation import resolve_precision
 from ..errors import ConfigError
-from .predict import CUDA_MARGIN, GPUS, GiB, Prediction, gpu, usable_bytes
+from ..validation import resolve_precision
+from .device import AUTO, detect_gpu
+from .predict import CUDA_MARGIN, GPUS, GiB, Gpu, Prediction, gpu, usable_bytes
 from .search import Planner, SearchResult, nothing_fits, overrides, search
 
 ORDER = ("params", "grads", "optimizer", "activations", "temporaries", "inputs", "queue", "buffers")
@@ -20,11 +21,11 @@ def plan(recipe: str, overrides_: list[str], gpu_name: str | None = None, budget
         raise ConfigError("give either --gpu or --budget-gb, not both")
     if budget_gb is not None and budget_gb <= 0:
         raise ConfigError(f"--budget-gb must be positive; got {budget_gb}")
-    budget = int(gpu(gpu_name).capacity_gib * GiB) if gpu_name else (int(budget_gb * GiB) if budget_gb else None)
+    card, found = detect_gpu() if gpu_name == AUTO else (gpu(gpu_name) if gpu_name else None, None)
+    budget = int(card.capacity_gib * GiB) if card else (int(budget_gb * GiB) if budget_gb else None)
     cfg = load_config(recipe, overrides_)
     # The precision training would run on that card (a T4 has no native bf16); a bare budget
     # is a GPU of unknown kind, which runs what the recipe asks.
-    card = gpu(gpu_name) if gpu_name else None
     precision = resolve_precision(cfg.train.precision, card.capability, card.name) if card else cfg.train.precision
     planner = Planner(cfg, precision)
     result: SearchResult | None = search(planner, budget) if budget is not None else None
@@ -46,7 +47,7 @@ def plan(recipe: str, overrides_: list[str], gpu_name: str | None = None, budget
         out["choice"] = overrides(cfg, result.choice) if result.choice else None
         out["tried"] = [dict(micro_batch=p.micro_batch, checkpointing=p.checkpointing, peak_bytes=p.peak_bytes,
                              fits=p.peak_bytes <= result.usable_bytes) for p in result.tried]
-    out["_text"] = _text(cfg, recipe, own, precision, gpu_name, budget, result, planner)
+    out["_text"] = ([found] if found else []) + _text(cfg, recipe, own, precision, card, budget, result, planner)
     if result is not None and result.choice is None:
         out["_error"] = nothing_fits(planner, result)
     return out
@@ -56,23 +57,25 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
-def _text(cfg: Config, recipe: str, own: Prediction, precision: str, gpu_name: str | None, budget: int | None,
+def _text(cfg: Config, recipe: str, own: Prediction, precision: str, card: Gpu | None, budget: int | None,
           result: SearchResult | None, planner: Planner) -> list[str]:
     t = cfg.train
     method = "predicted" if own.method == "fake" else "measured on real CPU tensors (the arch cannot be traced)"
     lines = [f"plan: {recipe}: {cfg.model.arch} {cfg.data.image_size} px, batch {t.batch_size} = "
              f"{own.micro_batch} x {t.batch_size // own.micro_batch} micro-batches, {cfg.moco.key_chunks} key chunks, "
              f"K {cfg.moco.queue_size}, precision {precision}"
-             f"{' (fp16 autocast with loss scaling: no native bf16)' if gpu_name == 't4' and precision == 'fp16' else ''}"
+             f"{' (fp16 autocast with loss scaling: no native bf16)' if card and card.capability < (8, 0) and precision == 'fp16' else ''}"
              f", checkpointing {'on' if own.checkpointing else 'off'}",
              f"peak by category ({method}):"]
     lines += [f"  {k:<12} {_gib(own.by_category.get(k, 0)):>10}" for k in ORDER]
     lines.append(f"  {'total':<12} {_gib(own.peak_bytes):>10}   ({own.seconds:.1f} s)")
     if budget is None:
-        lines.append(f"no budget given: add --gpu ({', '.join(GPUS)}) or --budget-gb N to search for what fits")
+        lines.append(f"no budget given: add --gpu ({', '.join(GPUS)}, or {AUTO} for this machine's) or --budget-gb N "
+                     f"to search for what fits")
         return lines
     usable = usable_bytes(budget)
-    where = f"{gpu_name}, assumed capacity" if gpu_name else "--budget-gb"
+    where = ("--budget-gb" if card is None else f"{card.name}, assumed capacity" if GPUS.get(card.name) is card
+             else f"{card.name}, its total memory")
     lines += [f"capacity  {_gib(budget)} ({where}); usable {_gib(usable)} after the margin kept free "
               f"({CUDA_MARGIN['fraction']:.0%} + {CUDA_MARGIN['fixed_gib']} GiB, provisional until measured on a GPU)",
               f"headroom  {_gib(budget - own.peak_bytes)} ({_gib(usable - own.peak_bytes)} after the margin): "
