@@ -21,7 +21,7 @@ from .backbones import backbone_plan_from_config
 from .checkpoint import export_backbone, load_latest, restore_training_state, save_checkpoint, training_state
 from .config import Config, flat_config, resolve_precision, save_config, validate_for_processes
 from .data.pipeline import build_pipeline
-from .data.sources import build_datasets
+from .data.sources.registry import build_datasets
 from .engine.moco import momentum_at
 from .errors import UserError
 from .eval.probes import knn_monitor
