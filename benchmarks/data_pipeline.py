@@ -32,10 +32,10 @@ from typing import Optional
 import torch
 from PIL import Image
 
-from lowmem_moco.data.augment import mocov2_transform
-from lowmem_moco.data.batched_augment import BatchedMoCoV2
-from lowmem_moco.data.cache import DecodedCache
-from lowmem_moco.data.images import FileImages
+from lowmem_moco.data.augment.per_image import mocov2_transform
+from lowmem_moco.data.augment.batched import BatchedMoCoV2
+from lowmem_moco.data.stores.decoded import DecodedCache
+from lowmem_moco.data.sources.images import FileImages
 from lowmem_moco.data.two_views import TwoViews
 from lowmem_moco.data.loader import make_loader
 

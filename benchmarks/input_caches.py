@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from lowmem_moco.data.augment import mocov2_transform
-from lowmem_moco.data.batched_augment import BatchedMoCoV2
-from lowmem_moco.data.cache import DecodedCache
-from lowmem_moco.data.encoded import EncodedCache
-from lowmem_moco.data.encoded_store import SourceFiles
+from lowmem_moco.data.augment.per_image import mocov2_transform
+from lowmem_moco.data.augment.batched import BatchedMoCoV2
+from lowmem_moco.data.stores.decoded import DecodedCache
+from lowmem_moco.data.stores.encoded import EncodedCache
+from lowmem_moco.data.stores.encoded_store import SourceFiles
 from lowmem_moco.data.two_views import TwoViews
 from lowmem_moco.data.loader import make_loader
 

@@ -25,9 +25,9 @@ import torch
 from accelerate import Accelerator
 
 from lowmem_moco.config import Config, validate
-from lowmem_moco.data.batched_augment import BatchedMoCoV2
+from lowmem_moco.data.augment.batched import BatchedMoCoV2
 from lowmem_moco.data.lazy_views import BatchedView
-from lowmem_moco.data.ragged import RaggedImages
+from lowmem_moco.data.stores.ragged import RaggedImages
 from lowmem_moco.plan.memtrack import CountedAsInputs, peak_by_category, step_tracker
 from lowmem_moco.plan.predict import PlannedStep
 from lowmem_moco.factory import build_model, build_step

@@ -19,7 +19,7 @@ import time
 import torch
 
 from lowmem_moco.config import Config, validate
-from lowmem_moco.data.sources import build_datasets
+from lowmem_moco.data.sources.registry import build_datasets
 from lowmem_moco.data.pipeline import build_pipeline
 from lowmem_moco.engine.views import whole
 

@@ -28,8 +28,8 @@ from accelerate.utils import set_seed
 
 from lowmem_moco.backbones import encoder_from_config
 from lowmem_moco.config import Config
-from lowmem_moco.data.images import DataSplits
-from lowmem_moco.data.sources import build_datasets
+from lowmem_moco.data.sources.images import DataSplits
+from lowmem_moco.data.sources.registry import build_datasets
 from lowmem_moco.engine.moco import momentum_at
 from lowmem_moco.data.pipeline import build_pipeline
 from lowmem_moco.engine.views import whole

@@ -12,7 +12,7 @@ For photo-sized images (500x375 and 375x500) it compares three ways of making a 
     before       the batched path before the views were made faithful: a centred square of
                  1.15 S cached, bilinear grid sampling, a blur kernel of 10% of S
 
-tests/test_views_statistics.py asserts the same measures against torchvision with tolerances.
+tests/data/augment/test_views_statistics.py asserts the same measures against torchvision with tolerances.
 """
 
 from __future__ import annotations
@@ -27,12 +27,11 @@ from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from lowmem_moco.data.blur import effective_sigma, gaussian_blur
-from lowmem_moco.data.cache import fit_shorter_side
-from lowmem_moco.data.cache_files import shorter_side
-from lowmem_moco.data.crops import CROP_DRAWS, crop_boxes, resized_crops
-from lowmem_moco.data.ragged import RaggedImages
-from lowmem_moco.data.sample_rng import uniforms
+from lowmem_moco.data.augment.blur import effective_sigma, gaussian_blur
+from lowmem_moco.data.stores.sides import fit_shorter_side, shorter_side
+from lowmem_moco.data.augment.crops import CROP_DRAWS, crop_boxes, resized_crops
+from lowmem_moco.data.stores.ragged import RaggedImages
+from lowmem_moco.data.augment.sample_rng import uniforms
 
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
 RESULTS = Path(__file__).resolve().parent / "results" / "views-statistics.md"

@@ -11,7 +11,6 @@ No pickle is ever loaded.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import warnings
@@ -28,6 +27,7 @@ from .backbones import backbone_plan_from_config
 from .timm_args import BackbonePlan
 from .config import Config, config_from_dict
 from .errors import CheckpointError
+from .files import atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{9})\.safetensors$")
@@ -41,21 +41,6 @@ def _crc(tensors: dict[str, torch.Tensor]) -> int:
         crc = zlib.crc32(name.encode(), crc)
         crc = zlib.crc32(tensors[name].contiguous().view(-1).view(torch.uint8).numpy(), crc)
     return crc
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, rename over `path`, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_checkpoint(output_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: dict,

@@ -22,7 +22,7 @@ from .checkpoint import (CHECKPOINT_DIR, export_backbone, load_latest, restore_t
                          training_state)
 from .config import Config, flat_config, resolve_precision, save_config, validate_for_processes
 from .data.pipeline import build_pipeline
-from .data.sources import build_datasets
+from .data.sources.registry import build_datasets
 from .engine.moco import momentum_at
 from .errors import UserError
 from .eval.probes import knn_monitor

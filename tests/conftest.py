@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lowmem_moco.config import DataConfig
-from lowmem_moco.data.sources import build_datasets
+from lowmem_moco.data.sources.registry import build_datasets
 
 from benchmarks.measure import CIFAR10_TARBALL as CIFAR_TARBALL  # data/ in the checkout (git-ignored): the one place
 IMAGES_PER_CLASS = 40

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .batched_augment import BatchedMoCoV2
+from .augment.batched import BatchedMoCoV2
 
 
 class BatchedView:

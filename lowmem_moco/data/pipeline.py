@@ -5,7 +5,7 @@ run sees exactly the batches an uninterrupted one would. Two ways to make the vi
 
 - `per_image`: PIL images augmented one by one in DataLoader workers (any data, no cache);
 - `batched`: a batch of uint8 images from the store data.cache picks (a memory-mapped decoded
-  cache, an encoded one decoded per batch, or the files themselves; cache_choice.py),
+  cache, an encoded one decoded per batch, or the files themselves; stores/choice.py),
   augmented in one pass on the training device (what keeps a GPU fed by 2 CPU cores).
 
 Both read the `augment:` section. `preview(indices, epoch)` returns the views training
@@ -20,12 +20,12 @@ from typing import Iterator
 
 import torch
 
-from .augment import mocov2_transform
-from .batched_augment import BatchedMoCoV2
-from .cache_choice import open_image_store
+from .augment.per_image import mocov2_transform
+from .augment.batched import BatchedMoCoV2
+from .stores.choice import open_image_store
 from ..config import Config
-from .encoded_store import EncodedStore
-from .images import LabelledImages, warn_small_images
+from .stores.encoded_store import EncodedStore
+from .sources.images import LabelledImages, warn_small_images
 from .lazy_views import BatchedView, CopiedView
 from .two_views import TwoViews
 from .loader import make_loader
@@ -110,7 +110,7 @@ class BatchedPipeline(Pipeline):
         super().__init__(cfg, device, rank, world)
         d = cfg.data
         folder = Path(d.cache_dir) if d.cache_dir else Path(d.root) / ".lowmem_moco_cache"
-        # DecodedCache, EncodedCache or SourceFiles (data.cache): one interface, see cache_choice.
+        # DecodedCache, EncodedCache or SourceFiles (data.cache): one interface, see stores/choice.py.
         self.cache = open_image_store(images, cfg, folder, f"{d.source}-train", progress=rank == 0)
         self.augment = BatchedMoCoV2(d.image_size, cfg.augment)
         self.dtype = dtype

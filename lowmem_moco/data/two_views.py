@@ -18,9 +18,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError
-from .augment import eval_transform
-from .decoding import UnreadableImageError, report_skipped
-from .images import LabelledImages
+from .augment.per_image import eval_transform
+from .sources.decoding import UnreadableImageError, report_skipped
+from .sources.images import LabelledImages
 from .loader import make_loader
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
 from ..config import Config
-from .sources import build_datasets
+from .sources.registry import build_datasets
 from ..errors import UserError
 from .pipeline import BatchedPipeline, build_pipeline
 

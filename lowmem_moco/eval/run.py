@@ -23,13 +23,14 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
 from ..backbones import Encoder, encoder_from_config, load_exported_backbone
-from ..checkpoint import atomic_write_bytes, export_backbone, load_latest, model_state, saved_backbone
+from ..checkpoint import export_backbone, load_latest, model_state, saved_backbone
 from ..config import Config, config_from_dict, load_config, read_recipe
-from ..data.augment import linear_train_transform
-from ..data.images import DataSplits
-from ..data.sources import build_datasets
+from ..data.augment.per_image import linear_train_transform
+from ..data.sources.images import DataSplits
+from ..data.sources.registry import build_datasets
 from ..data.two_views import eval_loader
 from ..errors import UserError
+from ..files import atomic_write_bytes
 from ..timm_args import BackbonePlan
 from .probes import extract_features, knn_accuracy, linear_probe, linear_probe_augmented
 

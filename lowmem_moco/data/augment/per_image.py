@@ -1,0 +1,84 @@
+"""Image transforms: the MoCo v2 training view and the plain evaluation view.
+
+Both take a PIL image and return a float tensor (C, H, W), normalised with the recipe's
+mean and std. The training view draws every random number from the torch RNG
+(torchvision.transforms.v2 does), so seeding torch before calling it reproduces the view
+exactly; `two_views.TwoViews` relies on that to make each sample's views independent of the
+worker that made them. Its distribution is the `augment:` section of the configuration,
+which the batched path (batched.BatchedMoCoV2) reads too.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from .blur import RandomGaussianBlur
+from ...config import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
+
+# Share of the image kept by the centre crop of the evaluation view (the usual 224/256).
+EVAL_CROP_FRACTION = 0.875
+
+
+def mocov2_transform(image_size: int, aug: AugmentConfig | None = None,
+                     normalize: bool = True) -> Callable[[Image.Image], torch.Tensor]:
+    """One MoCo v2 augmented view (Chen et al. 2020), drawn independently per call.
+
+    normalize=False returns the float view in [0, 1] (for looking at it).
+    """
+    a = aug or AugmentConfig()
+    steps = [
+        # Crop and colour on the PIL image (Pillow's kernels are the fastest here),
+        # then blur, flip and normalise a float tensor.
+        v2.RandomResizedCrop(image_size, scale=tuple(a.crop_scale), ratio=tuple(a.crop_ratio), antialias=True),
+        v2.RandomApply([v2.ColorJitter(*a.jitter)], p=a.jitter_prob),
+        v2.RandomGrayscale(p=a.grayscale_prob),
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        RandomGaussianBlur(tuple(a.blur_sigma), p=a.blur_prob, max_radius=a.blur_max_radius),
+        v2.RandomHorizontalFlip(p=a.flip_prob),
+    ]
+    if normalize:
+        steps.append(v2.Normalize(list(a.mean), list(a.std)))
+    return v2.Compose(steps)
+
+
+def linear_train_transform(image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                           std: Sequence[float] = IMAGENET_STD) -> Callable[[Image.Image], torch.Tensor]:
+    """Training view of the paper's linear protocol: random resized crop and flip."""
+    return v2.Compose([
+        v2.RandomResizedCrop(image_size, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
+    ])
+
+
+class _EvalView:
+    """Resize, centre-crop and normalise; a class (not a closure) so workers can pickle it."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
+        self.image_size, self.mean, self.std = image_size, list(mean), list(std)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        size = self.image_size
+        # Small images (e.g. 32-px CIFAR) have no margin worth cropping away.
+        resize_to = size if min(image.size) <= size else round(size / EVAL_CROP_FRACTION)
+        tensor = v2.functional.pil_to_tensor(image)
+        tensor = v2.functional.resize(tensor, resize_to, antialias=True)
+        tensor = v2.functional.center_crop(tensor, [size, size])
+        tensor = v2.functional.to_dtype(tensor, torch.float32, scale=True)
+        return v2.functional.normalize(tensor, self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(image_size={self.image_size}, mean={self.mean}, std={self.std})"
+
+
+def eval_transform(image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> Callable[[Image.Image], torch.Tensor]:
+    """The deterministic view used for kNN features and probes: no augmentation."""
+    return _EvalView(image_size, mean, std)
