@@ -4,7 +4,9 @@ makes (checkpoints, curves, kNN result, resumed run, export) must be there."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -69,3 +71,50 @@ def test_colab_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert any("features of shape (2, 128)" in o for o in outputs)  # the reloaded backbone's forward
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 2  # the views and the curves, shown inline
+
+
+STOP_SCRIPT = '''
+import json, pathlib, threading, time
+
+out = pathlib.Path({out!r})
+
+
+def steps_done() -> int:
+    log = out / "metrics.jsonl"
+    return max([json.loads(line).get("step", 0) for line in log.read_text().splitlines()] if log.is_file() else [0])
+
+
+def press_stop() -> None:  # Colab's stop button: SIGINT to the kernel's own process
+    while steps_done() < 2:
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+threading.Thread(target=press_stop, daemon=True).start()
+try:
+    sh({command!r})
+except KeyboardInterrupt as err:
+    print("cell interrupted:", err)
+'''
+
+
+@pytest.mark.slow
+def test_the_stop_button_stops_training_under_accelerate_launch_with_a_checkpoint(tmp_path):
+    """The notebook's sh() forwards the interrupt to the trainer alone: accelerate's launcher,
+    interrupted itself, would terminate the trainer before it saved."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    helpers = nb.cells[3].source.split("\n\nif INSTALL")[0]  # sh() and what it needs
+    out = tmp_path / "run"
+    command = (f"accelerate launch -m lowmem_moco train {ROOT / 'recipes' / 'demo.yaml'} data.source=synthetic "
+               f"data.synthetic_size=640 train.batch_size=16 train.micro_batch_size=8 moco.key_chunks=2 "
+               f"moco.queue_size=64 train.log_every=1 eval.knn_every=0 train.epochs=1 output_dir={out}")
+    script = tmp_path / "stop.py"
+    script.write_text(helpers + STOP_SCRIPT.format(out=str(out), command=command))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert "cell interrupted: stopped; a training run kept its newest checkpoint" in done.stdout, done.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    [stop] = [r for r in records if r["kind"] == "stop"]
+    assert stop["reason"] == "SIGINT" and 2 <= stop["step"] < 40
+    assert (out / "checkpoints" / f"step-{stop['step']:09d}.safetensors").is_file()
