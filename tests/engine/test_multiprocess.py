@@ -181,7 +181,8 @@ def test_two_processes_equal_each_other_and_the_single_process_trainer(tmp_path,
         run_dir = tmp_path / "ddp" / f"shuffle-{shuffle}"
         ranks = [torch.load(run_dir / f"rank{r}.pt") for r in (0, 1)]
         # Only the main process writes the log: one record per step, not one per process.
-        assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "step"] == list(range(1, STEPS + 1))
+        logged = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "step"]
+        assert logged == list(range(1, STEPS + 1))
         # The same state on both processes: parameters, queue, optimizer, BatchNorm statistics, loss.
         for name in ranks[0]:
             assert torch.equal(ranks[0][name], ranks[1][name]), f"shuffle={shuffle}: {name} differs between ranks"
