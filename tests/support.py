@@ -58,3 +58,36 @@ def write_every_mode(folder: Path) -> dict:
     over_white = (rgb * (alpha / 255.0) + 255 * (1 - alpha / 255.0)).round()
     expected["clear_rgba.png"] = over_white.astype(np.uint8)
     return expected
+
+
+# The checkout's root and its shipped recipes, for tests in any folder of tests/.
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file (metrics.jsonl, eval.jsonl), in order."""
+    import json
+
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def missing(text: str, *facts: str) -> list[str]:
+    """The facts (substrings: a config key, the bad value, the fix) that a message leaves out;
+    tests assert it is [], so rewording a message passes and dropping a fact fails."""
+    return [fact for fact in facts if fact not in text]
+
+
+def raises_naming(error: type[BaseException], *facts: str):
+    """pytest.raises(error) whose message must name every fact (see missing)."""
+    import contextlib
+
+    import pytest
+
+    @contextlib.contextmanager
+    def checking():
+        with pytest.raises(error) as caught:
+            yield caught
+        assert missing(str(caught.value), *facts) == [], str(caught.value)
+
+    return checking()

@@ -8,7 +8,6 @@ is set are run once (the test id names every recipe sharing it). Images are 32 p
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +18,9 @@ from lowmem_moco.config import load_config
 from lowmem_moco.engine.moco import MoCo
 from lowmem_moco.engine.step import MoCoStep
 from lowmem_moco.optim import build_optimizer
+from support import RECIPES
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 ARCHS = ["resnet18", "resnet50", "convnext_atto", "mobilenetv3_small_050", "efficientnet_b0", "regnetx_002",
          "vit_tiny_patch16_224"]
 # A tiny step, whatever the recipe's own batch: 4 images of 32 px, micro-batches and key chunks of 2.
@@ -32,7 +31,7 @@ TINY_STEP = ["data.image_size=32", "train.batch_size=4", "train.micro_batch_size
 def matrix() -> list:
     cases: dict[str, tuple[str, list[str]]] = {}
     for arch in ARCHS:
-        for recipe in RECIPES:
+        for recipe in sorted(RECIPES.glob("*.yaml")):
             cfg = load_config(recipe, [f"model.arch={arch}", *TINY_STEP])
             section = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True)
             cases.setdefault(section, (arch, []))[1].append(recipe)

@@ -1,14 +1,11 @@
 """The shipped recipes are the settings they cite, field by field."""
 
 import dataclasses
-from pathlib import Path
-
 import pytest
 
 from lowmem_moco.config import Config, get_key, load_config
 from lowmem_moco.optim import lr_at
-
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+from support import RECIPES
 
 # facebookresearch/moco, colab/moco_cifar10_demo.ipynb: the argument cell (args after the notebook's
 # own overrides), the data cell (train_transform, CIFAR10(train=True) for training and the memory

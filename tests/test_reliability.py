@@ -17,8 +17,8 @@ from lowmem_moco.config import load_config
 from lowmem_moco.errors import CheckpointError, UserError
 from lowmem_moco.engine.step import MoCoStep, StepResult
 from lowmem_moco.trainer import Trainer
+from support import REPO, missing, raises_naming, read_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.source=synthetic", "data.synthetic_size=128", "data.image_size=32", "data.num_workers=0",
         "model.arch=test_resnet", "model.dim=16", "moco.queue_size=64", "moco.key_chunks=2",
         "train.batch_size=32", "train.micro_batch_size=16", "train.epochs=3", "eval.knn_every=0"]
@@ -96,18 +96,27 @@ def test_sigkill_at_any_moment_then_rerun_gives_the_uninterrupted_result(tmp_pat
 
 
 def test_non_finite_steps_are_counted_and_too_many_stop_the_run_keeping_the_checkpoint(tmp_path, monkeypatch):
+    """Catches: stopping after more (or fewer) than max_nonfinite_steps bad steps in a row, and a
+    newest checkpoint that lost the weights of the last good step."""
     trainer = Trainer(tiny(tmp_path, "train.max_nonfinite_steps=3", "train.checkpoint_every=1"))
     real_step = MoCoStep.__call__
-    calls = {"n": 0}
+    calls, good = {"n": 0}, {}
 
     def flaky(self, *args):
         calls["n"] += 1
-        return real_step(self, *args) if calls["n"] <= 2 else StepResult(float("nan"), skipped=True)
+        if calls["n"] > 2:
+            return StepResult(float("nan"), skipped=True)
+        result = real_step(self, *args)
+        good.update({f"model.{k}": v.clone() for k, v in trainer.moco.state_dict().items()})
+        return result
 
     monkeypatch.setattr(MoCoStep, "__call__", flaky)
-    with pytest.raises(UserError, match="not finite for 3 steps in a row .* Lower train.lr"):
+    with raises_naming(UserError, "3 steps in a row", "train.lr"):
         trainer.fit()
-    assert load_latest(tmp_path)[1]["step"] >= 2  # the last good checkpoint is still there
+    assert calls["n"] == 2 + 3  # two good steps, then stopped at the third bad one
+    tensors, meta, _ = load_latest(tmp_path)
+    assert meta["counters"]["skipped_steps"] == 2  # the newest checkpoint: after 2 skips, before the third
+    assert [k for k in good if not torch.equal(tensors[k], good[k])] == []
 
 
 # ---------------------------------------------------------------- user mistakes
@@ -127,8 +136,6 @@ def test_data_set_smaller_than_one_batch(tmp_path):
 
 def test_an_unreadable_image_is_counted_once_per_epoch_in_bad_images(tmp_path):
     """Per-image path: a truncated JPEG is skipped, and each epoch's record counts it once."""
-    import json
-
     from PIL import Image
 
     data = tmp_path / "data"
@@ -140,8 +147,7 @@ def test_an_unreadable_image_is_counted_once_per_epoch_in_bad_images(tmp_path):
     cfg = tiny(tmp_path / "run", "data.source=folder", f"data.root={data}", "data.val_fraction=0",
                "data.image_size=16", "data.augment=per_image", "train.epochs=2")
     Trainer(cfg).fit()
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["bad_images"] for r in records if r.get("kind") == "epoch"] == [1, 1]
+    assert [r["bad_images"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "epoch"] == [1, 1]
 
 
 def test_resume_with_another_effective_batch_is_refused(tmp_path):
@@ -157,14 +163,15 @@ def test_out_of_memory_names_the_planner_and_the_overrides(tmp_path, monkeypatch
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(MoCoStep, "__call__", oom)
-    with pytest.raises(UserError, match=r"train.micro_batch_size=auto.*lowmem-moco plan RECIPE --budget-gb N.* train.micro_batch_size=8"):
+    with raises_naming(UserError, "train.micro_batch_size=auto", "lowmem-moco plan", "train.micro_batch_size=8"):
         trainer.fit()
 
 
 def test_cli_hides_tracebacks_unless_debug(tmp_path, capsys):
     args = ["train", str(REPO / "recipes/demo.yaml"), "moco.key_chunks=1000"]
     assert main(args) == 2
-    assert "Traceback" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and missing(err, "moco.key_chunks", "1000") == []
     with pytest.raises(UserError):
         main(["--debug", *args])
 
@@ -177,8 +184,9 @@ def _rss_mb() -> float:
 
 
 @pytest.mark.slow
-def test_soak_2000_steps_memory_and_speed_stay_flat():
-    """No leaked graphs, no queue growth: RSS and step time at the end match the start."""
+def test_soak_2000_steps_memory_stays_flat_and_the_queue_stays_a_ring():
+    """No leaked graphs, no queue growth: RSS at the end matches the start. (Step time is a
+    benchmark's business: a timed assert here failed whenever the machine was busy.)"""
     from accelerate import Accelerator
 
     from lowmem_moco.engine.moco import MoCo
@@ -190,14 +198,17 @@ def test_soak_2000_steps_memory_and_speed_stay_flat():
     opt = torch.optim.SGD(moco.encoder_q.parameters(), lr=0.01, momentum=0.9)
     step = MoCoStep(moco, opt, Accelerator(cpu=True), micro_batch=8, key_chunks=2, temperature=0.2)
     x = torch.randn(16, 3, 8, 8)
-    rss, times = [], []
+    rss, pointers = [], []
     for i in range(2000):
-        t0 = time.perf_counter()
+        if i == 1999:
+            before_last = moco.queue.clone()
         step(x, x.flip(3), 0.99)
-        times.append(time.perf_counter() - t0)
+        pointers.append(int(moco.queue_ptr))
         if i in (200, 1999):
             rss.append(_rss_mb())
-    assert moco.queue.shape == (256, 16)
+    # Every step enqueued its 16 keys into the ring of 256 (none skipped, none twice), and the last
+    # one replaced the 16 oldest keys only.
+    assert pointers == [16 * (i + 1) % 256 for i in range(2000)]
+    replaced = (moco.queue != before_last).any(dim=1).nonzero().flatten().tolist()
+    assert replaced == list(range(1999 * 16 % 256, 1999 * 16 % 256 + 16))
     assert rss[1] - rss[0] < 20, f"memory grew from {rss[0]:.0f} to {rss[1]:.0f} MB"
-    early, late = sorted(times[100:600])[250], sorted(times[-500:])[250]
-    assert late < 2.0 * early, f"median step time grew from {early * 1e3:.2f} to {late * 1e3:.2f} ms"

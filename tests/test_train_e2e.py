@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -16,8 +15,7 @@ from lowmem_moco.cli import main
 from lowmem_moco.config import load_config
 from lowmem_moco.errors import CheckpointError, UserError
 from lowmem_moco.trainer import Trainer
-
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO, missing, raises_naming, read_jsonl
 
 TINY = [
     "data.source=synthetic", "data.synthetic_size=192", "data.image_size=32", "data.num_workers=0",
@@ -33,8 +31,7 @@ def run(out, *extra):
 
 def metrics(out):
     drop = {"images_per_sec", "peak_mem_mb"}  # timings differ between runs
-    return [{k: v for k, v in json.loads(line).items() if k not in drop}
-            for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in record.items() if k not in drop} for record in read_jsonl(out / "metrics.jsonl")]
 
 
 def final_state(out):
@@ -143,7 +140,7 @@ def test_cli_prints_one_clear_line_for_user_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "recipe file not found" in err and "Traceback" not in err
     assert main(["train", str(REPO / "recipes/demo.yaml"), "model.arch=resnet_18"]) == 2
-    assert "close names" in capsys.readouterr().err
+    assert missing(capsys.readouterr().err, "'resnet_18'", "resnet18") == []  # the typo and the close name
 
 
 @pytest.mark.slow
@@ -160,8 +157,12 @@ def test_accelerate_launch_runs_the_trainer_on_cpu(tmp_path):
 
 
 def test_batched_augmentation_trains_end_to_end_from_the_decoded_cache(tmp_path):
-    last = run(tmp_path, "data.augment=batched", f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1")
-    assert last["kind"] == "epoch" and torch.isfinite(torch.tensor(last["loss"]))
+    """Catches a batched epoch that drops batches or logs a loss that is not its steps' (or not finite)."""
+    last = run(tmp_path, "data.augment=batched", f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1",
+               "train.log_every=1")
+    losses = [r["loss"] for r in metrics(tmp_path) if r["kind"] == "step"]
+    assert last["kind"] == "epoch" and last["step"] == len(losses) == 192 // 32
+    assert torch.isfinite(torch.tensor(losses)).all() and last["loss"] == pytest.approx(sum(losses) / len(losses))
     assert any(p.suffix == ".npy" for p in (tmp_path / "cache").iterdir())
 
 
@@ -191,13 +192,13 @@ def test_trackers_receive_every_metrics_record_and_missing_packages_are_named(tm
     recorder = Recorder()
     monkeypatch.setattr(train_module, "trackers", lambda log_with: [recorder])
     run(tmp_path, "train.epochs=1")
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     expected = [(r["step"], {f"{r['kind']}/{k}": v for k, v in r.items()
-                             if k not in ("step", "kind") and not isinstance(v, (bool, str))}) for r in records]
+                             if k not in ("step", "kind") and not isinstance(v, (bool, str))})
+                for r in read_jsonl(tmp_path / "metrics.jsonl")]
     assert recorder.logged == expected and any("epoch/knn_top1" in values for _, values in expected)
     assert recorder.config["train.batch_size"] == 32 and recorder.config["augment.crop_scale"] == "[0.2, 1.0]"
     monkeypatch.setattr("accelerate.utils.is_tensorboard_available", lambda: False)
-    with pytest.raises(UserError, match="train.log_with=tensorboard needs the tensorboard package: pip install"):
+    with raises_naming(UserError, "train.log_with=tensorboard", "pip install tensorboard"):
         progress.trackers("tensorboard")
 
 

@@ -68,6 +68,9 @@ def test_info_nce_stays_fp32_under_autocast():
 
 def test_cosine_momentum_rises_from_base_to_one():
     assert momentum_at(0, 100, 0.99, "cosine") == pytest.approx(0.99)
+    # BYOL's 1 - (1 - base)(cos(pi k / K) + 1) / 2: half-way there at half the steps, a quarter at a quarter
+    assert momentum_at(50, 100, 0.99, "cosine") == pytest.approx(0.995)
+    assert momentum_at(25, 100, 0.99, "cosine") == pytest.approx(1 - 0.01 * (2 ** 0.5 / 2 + 1) / 2)
     assert momentum_at(100, 100, 0.99, "cosine") == pytest.approx(1.0)
     assert momentum_at(50, 100, 0.99, "constant") == 0.99
 

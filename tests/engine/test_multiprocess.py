@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # run as a script too: support.py is not on its path
 STEPS = 3
 
 # test_efficientnet: BatchNorm, no max-pool. A max-pool over the synthetic shapes' flat regions
@@ -70,7 +70,7 @@ def worker(out: Path) -> None:
     for shuffle in (False, True):
         run_dir = out / f"shuffle-{shuffle}"
         trainer = Trainer(load_config(None, overrides(run_dir, shuffle, 2)))
-        assert type(trainer.encoder_q).__name__ == "DistributedDataParallel"
+        assert type(trainer.encoder_q).__name__ == "DistributedDataParallel" and trainer.acc.num_processes == 2
         syncs = []  # gradient all-reduces of the first bucket: one per step if no_sync works
 
         def counting_allreduce(_, bucket):
@@ -163,6 +163,8 @@ def assert_close(a: dict, b: dict, what: str) -> None:
 
 @pytest.mark.slow
 def test_two_processes_equal_each_other_and_the_single_process_trainer(tmp_path, monkeypatch, request):
+    from support import read_jsonl  # not at the top: this file also runs as the launched script
+
     started = time.perf_counter()
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
            "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
@@ -171,8 +173,6 @@ def test_two_processes_equal_each_other_and_the_single_process_trainer(tmp_path,
     env = dict(os.environ, PYTHONPATH=str(REPO), ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("MoCo v2 test_efficientnet") == 2  # the summary: main process only, once per run
-    assert "x 2 micro-batches x 2 processes, 2 key chunks per process, shuffled across processes" in proc.stdout
 
     threads = torch.get_num_threads()
     request.addfinalizer(lambda: torch.set_num_threads(threads))
@@ -180,6 +180,9 @@ def test_two_processes_equal_each_other_and_the_single_process_trainer(tmp_path,
     for shuffle in (False, True):
         run_dir = tmp_path / "ddp" / f"shuffle-{shuffle}"
         ranks = [torch.load(run_dir / f"rank{r}.pt") for r in (0, 1)]
+        # Only the main process writes the log: one record per step, not one per process.
+        logged = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "step"]
+        assert logged == list(range(1, STEPS + 1))
         # The same state on both processes: parameters, queue, optimizer, BatchNorm statistics, loss.
         for name in ranks[0]:
             assert torch.equal(ranks[0][name], ranks[1][name]), f"shuffle={shuffle}: {name} differs between ranks"
@@ -203,7 +206,6 @@ def test_two_processes_equal_each_other_and_the_single_process_trainer(tmp_path,
                 resumed / "checkpoints")
     state, trainer = single_process(resumed, True, 4)
     assert trainer.step == STEPS and trainer.resumed_processes == 2
-    assert "written by 2 processes, now 1" in trainer._summary()
     assert_close(state, ref, "resumed on 1 process")
     print(f"2-process test: {time.perf_counter() - started:.1f} s")
 
