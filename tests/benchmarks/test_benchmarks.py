@@ -10,12 +10,12 @@ import json
 import pytest
 import torch
 
-from benchmarks.cells import Cell
-from benchmarks.fit import largest_fitting, overrides
-from benchmarks.measure import measure
-from benchmarks.naive import NaiveMoCo
-from benchmarks.suite import derive, run_suite
-from benchmarks.targets import check
+from benchmarks.commands.fit import largest_fitting, overrides
+from benchmarks.harness.cells import Cell
+from benchmarks.harness.measure import measure
+from benchmarks.harness.naive import NaiveMoCo
+from benchmarks.harness.suite import derive, run_suite
+from benchmarks.harness.targets import check
 from lowmem_moco.backbones import build_encoder
 
 TINY = dict(arch="test_resnet", image_size=32, queue_size=64, key_chunks=2)
@@ -121,7 +121,7 @@ def test_derive_adds_slope_and_fraction_of_the_supervised_step():
 
 
 def test_quality_report_compares_the_run_with_its_own_init_and_the_naive_step(tmp_path):
-    from benchmarks.quality import initial_encoder, main as quality_main
+    from benchmarks.commands.quality import initial_encoder, main as quality_main
     from lowmem_moco.eval.run import evaluate_run
     from lowmem_moco.config import load_config
     from lowmem_moco.train import Trainer
