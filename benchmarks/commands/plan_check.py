@@ -38,7 +38,7 @@ def check(archs: dict = ARCHS, batch: int = 32, micro_batches: tuple = (16, 32),
                 for ckpt in (False, True):
                     cfg = load_config(None, [f"model.arch={arch}", f"data.image_size={size}",
                                              f"train.batch_size={batch}", f"moco.queue_size={queue_size}",
-                                             "moco.key_chunks=4", "data.source=synthetic"])
+                                             f"moco.key_chunks={min(4, batch // 2)}", "data.source=synthetic"])
                     fake, real = PlannedStep(cfg, precision, ckpt), PlannedStep(cfg, precision, ckpt, fake=False)
                     for mb in micro_batches:
                         start = time.perf_counter()

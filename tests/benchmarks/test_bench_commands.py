@@ -69,3 +69,9 @@ def test_input_paths_time_the_pipeline_and_the_stores_it_opens(cifar_folder, tmp
     assert set(r) >= {"decoded_cache", "encoded_cache"} and "none_cache" in r
     assert r["decoded_cache"]["bytes_per_image"] >= 32 * 32 * 3  # CIFAR-10's 32x32 RGB, kept whole
     assert r["encoded_cache"]["bytes_per_image"] < r["decoded_cache"]["bytes_per_image"]  # JPEG bytes
+
+
+@pytest.mark.usefixtures("one_cpu_thread")
+def test_plan_check_smoke_runs_and_writes_nothing(tmp_path):
+    assert dispatch(["plan-check", "--smoke", "--out", str(tmp_path)]) == 0
+    assert list(tmp_path.iterdir()) == []
