@@ -12,7 +12,7 @@ import pytest
 from lowmem_moco.config import DataConfig
 from lowmem_moco.data.sources.registry import build_datasets
 
-from benchmarks.measure import CIFAR10_TARBALL as CIFAR_TARBALL  # data/ in the checkout (git-ignored): the one place
+from benchmarks.harness.images import CIFAR10_TARBALL as CIFAR_TARBALL  # data/ in the checkout (git-ignored): the one place
 IMAGES_PER_CLASS = 40
 SAFE = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # no paths out of the folder
 

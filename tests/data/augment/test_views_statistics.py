@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.views_statistics import (aliasing_energy, batched_boxes, blur_spread, box_summary,
-                                         torchvision_boxes)
+from benchmarks.commands.views_statistics import (aliasing_energy, batched_boxes, blur_spread, box_summary,
+                                                  torchvision_boxes)
 from lowmem_moco.data.augment.per_image import mocov2_transform
 from lowmem_moco.data.augment.batched import BatchedMoCoV2
 from lowmem_moco.data.stores.sides import fit_shorter_side, shorter_side

@@ -1,4 +1,6 @@
-"""Fit finder: the largest micro-batch, and the fastest configuration, under a memory budget.
+"""The largest micro-batch, and the fastest configuration, under a memory budget.
+
+    python -m benchmarks fit --arch resnet50 --image-size 224 --budget-gb 15
 
 For each candidate configuration (checkpointing off/on; on a GPU also channels_last off/on)
 the planner (lowmem_moco/plan/predict.py) predicts the step's peak for the micro-batches that divide
@@ -15,9 +17,10 @@ import torch
 from lowmem_moco.config import load_config
 from lowmem_moco.plan.search import Planner, largest_fitting, micro_batch_candidates  # noqa: F401 (re-export)
 
-from .cells import Cell
-from .measure import run_cell
-from .suite import _chunks
+from ..harness.cells import Cell
+from ..harness.cli import parser, pick_device, step_options
+from ..harness.measure import run_cell
+from ..harness.suite import default_precisions, key_chunks_for
 
 
 def default_budget_gb(device: str) -> float:
@@ -35,11 +38,10 @@ def find_fit(arch: str, image_size: int, budget_gb: float, device: str, batch: i
              small_image_stem: bool = False, repeats: int = 3, warmup: int = 1,
              threads: int | None = None, log=print) -> dict:
     if precision is None:
-        from .suite import default_precisions
         # The mixed precision a GPU runs fastest; fp32 on a CPU (not every CPU has fast bf16).
         precision = default_precisions(device)[-1] if device == "cuda" else "no"
     limit_mb = budget_gb * 1024 * (1 - margin)
-    chunks = min(key_chunks, _chunks(batch))
+    chunks = min(key_chunks, key_chunks_for(batch))
     layouts = [False, True] if device == "cuda" else [False]
 
     def used_mb(r: dict) -> float:
@@ -83,3 +85,34 @@ def overrides(best: dict) -> str:
         f"train.grad_checkpointing={str(best['checkpointing']).lower()}",
         f"train.channels_last={str(best['channels_last']).lower()}",
     ])
+
+
+def main(argv: list[str]) -> int:
+    fit = parser("fit", __doc__)
+    fit.add_argument("--arch", default="resnet50")
+    fit.add_argument("--image-size", type=int, default=224)
+    fit.add_argument("--budget-gb", type=float, default=None, help="default: the GPU's memory (or free RAM)")
+    fit.add_argument("--margin", type=float, default=0.1, help="safety margin kept free (fraction of the budget)")
+    fit.add_argument("--batch", type=int, default=256, help="effective batch (train.batch_size)")
+    fit.add_argument("--queue-size", type=int, default=65536)
+    fit.add_argument("--key-chunks", type=int, default=8)
+    fit.add_argument("--precision", choices=["no", "fp16", "bf16"], default=None)
+    fit.add_argument("--small-image-stem", action="store_true")
+    step_options(fit)
+    args = fit.parse_args(argv)
+    device = pick_device(args.device)
+    budget = args.budget_gb or default_budget_gb(device)
+    print(f"fit: {args.arch} at {args.image_size} px on {device}, budget {budget:.1f} GB "
+          f"(keeping {args.margin:.0%} free), effective batch {args.batch}")
+    found = find_fit(args.arch, args.image_size, budget, device, args.batch, args.queue_size, args.key_chunks,
+                     args.precision, args.margin, args.small_image_stem, args.repeats,
+                     warmup=1 if args.warmup is None else args.warmup, threads=args.threads)
+    if found["best"] is None:
+        print(f"nothing fits: even micro-batch 2 exceeds {found['limit_mb']:.0f} MB; "
+              f"try a smaller --image-size or model")
+        return 1
+    b = found["best"]
+    print(f"fastest that fits: micro-batch {b['micro_batch']} ({b['used_mb']:.0f} MB, "
+          f"{b['images_per_s'] or 0:.1f} images/s)")
+    print(found["overrides"])
+    return 0

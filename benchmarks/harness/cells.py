@@ -1,8 +1,8 @@
 """A grid cell (one configuration) and the training step it measures.
 
 Three kinds of step, on the same random images:
-    lowmem      the project's step: lowmem_moco.engine.step.MoCoStep, set up as lowmem_moco/trainer.py does
-    naive       the blog-post loop of benchmarks/naive.py (fp32 only)
+    lowmem      the project's step: lowmem_moco.engine.step.MoCoStep, built by lowmem_moco.factory as training builds it
+    naive       the blog-post loop of benchmarks/harness/naive.py (fp32 only)
     supervised  timm's plain training step: forward, cross-entropy, backward, SGD step
 """
 

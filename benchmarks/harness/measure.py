@@ -23,19 +23,16 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from lowmem_moco.plan.memtrack import peak_by_category, step_tracker
 
 from .cells import Cell, build
+from .results import REPO_ROOT
 
 MB = 2**20
 RESULT_MARK = "BENCHMARK-CELL-RESULT "
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# The real images of the tests and the GPU command: one copy in the checkout (data/ is git-ignored).
-CIFAR10_TARBALL = REPO_ROOT / "data" / "cifar10-train-jpeg.tar.gz"
 
 
 def rss_mb() -> float:

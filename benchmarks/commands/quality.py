@@ -1,13 +1,15 @@
-"""Quality report: does a run learn, and does the trainer's way of saving memory cost accuracy?
+"""Quality of a finished run: its encoder against its random init and the naive step (kNN, linear probe).
+
+Does a run learn, and does the trainer's way of saving memory cost accuracy?
 
     lowmem-moco train recipes/cifar10_cpu.yaml data.root=DATA output_dir=RUN
-    python -m benchmarks.quality RUN --out benchmarks/results/quality-cpu
+    python -m benchmarks quality RUN --out benchmarks/results/quality-cpu
 
 Three encoders, each probed on the run's own held-out split with the kNN classifier (the run's
 eval.knn_k / eval.knn_t) and the linear probe of `lowmem-moco eval`:
 
     random init   the run's encoder before its first step (same seed, same initialisation)
-    naive         the suite's baseline step (benchmarks/naive.py: one BatchNorm batch for all
+    naive         the suite's baseline step (benchmarks/harness/naive.py: one BatchNorm batch for all
                   keys, no shuffle, no micro-batches) trained for the run's number of steps on
                   the same batches, with the same optimizer, schedule and hyper-parameters
     lowmem-moco   the run's trained encoder (its newest checkpoint)
@@ -17,7 +19,6 @@ Writes OUT.json and OUT.md (with the run's per-epoch kNN monitor and time per ep
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
@@ -36,7 +37,9 @@ from lowmem_moco.engine.views import whole
 from lowmem_moco.eval.run import load_run, probe
 from lowmem_moco.optim import build_optimizer, lr_at
 
-from .naive import NaiveMoCo
+from ..harness.cli import parser
+from ..harness.naive import NaiveMoCo
+from ..harness.results import RESULTS, markdown_table, write_results
 
 
 def initial_encoder(cfg: Config) -> torch.nn.Module:
@@ -111,42 +114,32 @@ def _device_name(device: torch.device) -> str:
 
 def markdown(result: dict) -> str:
     knn = result["knn"]
-    lines = [f"# Quality: {result['arch']} on {result['source']} ({result['root']}), {result['image_size']} px",
-             "",
-             f"{result['device']}; {result['train_images']} training / {result['val_images']} held-out images; "
-             f"kNN k={knn['k']} t={knn['t']} on the training set's features; linear probe "
-             f"{result['linear_epochs']} epochs on cached features.",
-             "",
-             "| encoder | steps | kNN top-1 | kNN top-5 | linear top-1 | linear top-5 |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['encoder']} | {r['steps']} | {r.get('knn_top1', '-')} | {r.get('knn_top5', '-')} | "
-                     f"{r.get('linear_top1', '-')} | {r.get('linear_top5', '-')} |")
-    lines += ["", f"Naive baseline training: {result['naive_train_seconds']:.0f} s.", "",
-              "Run's kNN monitor (subset of the training set as the bank):", "",
-              "| epoch | step | kNN top-1 | mean loss | images/s |", "|---:|---:|---:|---:|---:|"]
-    for r in result["monitor"]:
-        knn_top1 = f"{r['knn_top1']:.2f}" if "knn_top1" in r else "-"
-        loss = f"{r['loss']:.4f}" if "loss" in r else "-"
-        rate = f"{r['images_per_sec']:.0f}" if "images_per_sec" in r else "-"
-        lines.append(f"| {r.get('epoch', 0)} | {r.get('step', 0)} | {knn_top1} | {loss} | {rate} |")
-    return "\n".join(lines) + "\n"
+    probes = [[r["encoder"], r["steps"], *(r.get(f"{mode}_{k}", "-") for mode in ("knn", "linear") for k in ("top1", "top5"))]
+              for r in result["rows"]]
+    monitor = [[r.get("epoch", 0), r.get("step", 0), f"{r['knn_top1']:.2f}" if "knn_top1" in r else "-",
+                f"{r['loss']:.4f}" if "loss" in r else "-",
+                f"{r['images_per_sec']:.0f}" if "images_per_sec" in r else "-"] for r in result["monitor"]]
+    return "\n".join([
+        f"# Quality: {result['arch']} on {result['source']} ({result['root']}), {result['image_size']} px", "",
+        f"{result['device']}; {result['train_images']} training / {result['val_images']} held-out images; "
+        f"kNN k={knn['k']} t={knn['t']} on the training set's features; linear probe "
+        f"{result['linear_epochs']} epochs on cached features.", "",
+        *markdown_table(["encoder", "steps", "kNN top-1", "kNN top-5", "linear top-1", "linear top-5"], probes,
+                        "lrrrrr"),
+        "", f"Naive baseline training: {result['naive_train_seconds']:.0f} s.", "",
+        "Run's kNN monitor (subset of the training set as the bank):", "",
+        *markdown_table(["epoch", "step", "kNN top-1", "mean loss", "images/s"], monitor, "rrrrr")]) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str]) -> int:
+    p = parser("quality", __doc__)
     p.add_argument("run_dir", type=Path, help="output_dir of a finished training run")
     p.add_argument("--linear-epochs", type=int, default=100)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"),
+    p.add_argument("--out", type=Path, default=RESULTS / "quality",
                    help="path prefix of the JSON and Markdown reports")
     args = p.parse_args(argv)
     result = report(args.run_dir, args.linear_epochs)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
-
-
-if __name__ == "__main__":
-    main()
+    text = markdown(result)
+    write_results(args.out, result, text)
+    print(text)
+    return 0

@@ -1,4 +1,6 @@
-"""`python -m benchmarks gpu [--smoke]`: the one command for a machine with a GPU (< 8 min).
+"""The one command for a machine with a GPU (< 8 min): CUDA tests, planner, speed, input, a CIFAR-10 run.
+
+    python -m benchmarks gpu [--smoke] [--out FOLDER] [--tarball PATH]
 
     1. the CUDA-only tests (pytest -k cuda)
     2. the planner against torch.cuda.max_memory_allocated for recipes/imagenet_resnet50_mocov2.yaml
@@ -11,12 +13,13 @@
 
 Writes benchmarks/results/gpu-<device>-<date>.{json,md}. Offline: the data is the CIFAR-10 JPEG
 tarball at data/cifar10-train-jpeg.tar.gz (git-ignored; copy it next to the checkout).
-`--smoke` runs the same sections at tiny sizes on a CPU (the test suite does).
+`--smoke` runs the same sections at tiny sizes on a CPU (the test suite does). A section that
+fails is reported and the others still run; the exit status is non-zero when any section
+failed, when the CUDA tests failed (or, on a GPU, none ran) or a planner cell ran out of memory.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import re
 import subprocess
@@ -30,12 +33,13 @@ import torch
 from lowmem_moco.config import load_config
 from lowmem_moco.plan.predict import CUDA_MARGIN, PlannedStep
 
-from .cells import Cell
-from .data_pipeline import cifar_subset, measure_pipeline
-from .measure import CIFAR10_TARBALL, REPO_ROOT, time_together
-
-RESULTS = REPO_ROOT / "benchmarks" / "results"
-TARBALL = CIFAR10_TARBALL
+from ..harness.cells import Cell
+from ..harness.cli import parser
+from ..harness.images import CIFAR10_TARBALL, cifar_subset
+from ..harness.inputs import measure_section
+from ..harness.machine import environment
+from ..harness.measure import time_together
+from ..harness.results import REPO_ROOT, RESULTS, command_line, dated, markdown_table, write_results
 CAP_GIB = 16
 FULL = dict(plan_recipe="recipes/imagenet_resnet50_mocov2.yaml", plan_overrides=[], micro_batches=(32, 128, 256),
             precision="fp16", speed=dict(arch="resnet50", image_size=224, micro_batch=128, batch=256,
@@ -60,14 +64,18 @@ SMOKE = dict(plan_recipe="recipes/imagenet_resnet50_mocov2.yaml",
              cifar_images=200)
 
 
-def cuda_tests() -> dict:
-    # Only the test files that have CUDA-only tests: collecting the whole suite takes a while.
-    files = [str(p.relative_to(REPO_ROOT)) for p in sorted((REPO_ROOT / "tests").glob("test_*.py"))
+def cuda_tests(device: torch.device) -> dict:
+    """pytest -k cuda over the test files that have CUDA-only tests (collecting the whole suite
+    takes a while). Passed: exit status 0 and, on a GPU, at least one test passed ("no CUDA test
+    ran", pytest's exit status 5 or every test skipped, is a failure there)."""
+    files = [str(p.relative_to(REPO_ROOT)) for p in sorted((REPO_ROOT / "tests").rglob("test_*.py"))
              if "torch.cuda.is_available()" in p.read_text()]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-k", "cuda", "-p", "no:cacheprovider", *files],
                           cwd=REPO_ROOT, capture_output=True, text=True)
     summary = (proc.stdout.strip().splitlines() or ["no output"])[-1]
-    return dict(returncode=proc.returncode, summary=summary, passed=proc.returncode in (0, 5))
+    ran = re.search(r"\b[1-9]\d* passed", summary) is not None
+    return dict(returncode=proc.returncode, summary=summary,
+                passed=proc.returncode == 0 and (ran or device.type != "cuda"))
 
 
 def measured_peak(cfg, precision: str, checkpointing: bool, micro_batch: int, real_cpu_step=None) -> dict:
@@ -75,7 +83,7 @@ def measured_peak(cfg, precision: str, checkpointing: bool, micro_batch: int, re
     cuDNN's autotuning done), MemTracker's on a CPU (`real_cpu_step`: a PlannedStep, fake=False)."""
     if real_cpu_step is not None:
         return dict(allocated=real_cpu_step.predict(micro_batch).peak_bytes)
-    from .cuda_step import cuda_step_peaks
+    from ..harness.cuda_step import cuda_step_peaks
     return cuda_step_peaks(cfg, precision, checkpointing, micro_batch)
 
 
@@ -134,84 +142,104 @@ def cifar_run(s: dict, tarball: Path, work: Path) -> dict:
                 knn_top1=[r.get("knn_top1") for r in epochs], peak_mem_mb=[r["peak_mem_mb"] for r in epochs])
 
 
-def environment(device: torch.device) -> dict:
-    env = dict(torch=torch.__version__, device=str(device), created=datetime.datetime.now().isoformat(timespec="seconds"))
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(name=props.name, total_memory=props.total_memory, capability=f"{props.major}.{props.minor}")
-    return env
-
-
-def markdown(r: dict) -> str:
-    env, lines = r["environment"], []
-    lines += [f"# benchmarks gpu: {env.get('name', env['device'])}, {env['created'][:10]}", "",
-              f"`{r['command']}`, torch {env['torch']}" + (f", total memory {env['total_memory'] / 2**30:.2f} GiB"
-                                                            if "total_memory" in env else "") + ".", "",
-              f"CUDA-only tests: {r['cuda_tests']['summary']}", "",
-              f"## Planner (predicted) vs measured peak, {r['plan_recipe']}"
-              f"{' ' + ' '.join(r['plan_overrides']) if r['plan_overrides'] else ''}, capped at {CAP_GIB} GiB", "",
-              "| micro-batch | checkpointing | predicted GiB | measured allocated GiB | error | reserved GiB |",
-              "|---|---|---|---|---|---|"]
-    for c in r["planner"]:
-        measured = "OOM" if c.get("oom") else f"{c['allocated'] / 2**30:.3f}"
-        reserved = f"{c['reserved'] / 2**30:.3f}" if "reserved" in c else "-"
-        error = f"{c['error']:+.1%}" if "error" in c else "-"
-        lines.append(f"| {c['micro_batch']} | {'on' if c['checkpointing'] else 'off'} | "
-                     f"{c['planned'] / 2**30:.3f} | {measured} | {error} | {reserved} |")
+def _planner_lines(r: dict) -> list[str]:
+    body = [[c["micro_batch"], "on" if c["checkpointing"] else "off", f"{c['planned'] / 2**30:.3f}",
+             "OOM" if c.get("oom") else f"{c['allocated'] / 2**30:.3f}",
+             f"{c['error']:+.1%}" if "error" in c else "-",
+             f"{c['reserved'] / 2**30:.3f}" if "reserved" in c else "-"] for c in r["planner"]]
+    lines = [f"## Planner (predicted) vs measured peak, {r['plan_recipe']}"
+             f"{' ' + ' '.join(r['plan_overrides']) if r['plan_overrides'] else ''}, capped at {CAP_GIB} GiB", "",
+             *markdown_table(["micro-batch", "checkpointing", "predicted GiB", "measured allocated GiB", "error",
+                              "reserved GiB"], body)]
     m = r.get("margin")
     if m:
         lines += ["", f"What the margin must cover (measured): reserved / predicted up to {m['reserved_over_planned']:.3f}, "
                       f"memory outside PyTorch's allocator up to {m['outside_allocator_gib']:.2f} GiB; "
                       f"lowmem_moco/plan/predict.py's CUDA_MARGIN is {m['provisional']}"]
+    return lines
+
+
+def _speed_lines(r: dict) -> list[str]:
     sp = r["speed"]
-    if sp.get("moco_over_supervised"):
-        lines += ["", f"MoCo step vs timm's supervised step ({sp['cell']}): {sp['moco']['images_per_s']:.1f} vs "
-                      f"{sp['supervised']['images_per_s']:.1f} images/s, ratio {sp['moco_over_supervised']:.2f}"]
+    if not sp.get("moco_over_supervised"):
+        return [f"MoCo step vs timm's supervised step ({sp.get('cell')}): not measured"]
+    return [f"MoCo step vs timm's supervised step ({sp['cell']}): {sp['moco']['images_per_s']:.1f} vs "
+            f"{sp['supervised']['images_per_s']:.1f} images/s, ratio {sp['moco_over_supervised']:.2f}"]
+
+
+def _pipeline_lines(r: dict) -> list[str]:
     p = r["pipeline"]
-    lines += ["", f"Input pipeline at {p['image_size']} px (two views, images/s): "
-                  + ", ".join(f"{k} {p[k]:.0f}" for k in ("per_image", "batched_cpu", "batched_cuda") if p.get(k))]
+    return [f"Input pipeline at {p['image_size']} px (two views, images/s): "
+            + ", ".join(f"{k} {p[k]:.0f}" for k in ("per_image", "batched_cpu", "batched_cuda") if p.get(k))]
+
+
+def _cifar_lines(r: dict) -> list[str]:
     c = r["cifar"]
-    lines += ["", f"recipes/cifar10_resnet18.yaml, {c['epochs']} epoch(s): s/epoch {c['s_per_epoch']}, "
-                  f"kNN top-1 {c['knn_top1']}, whole-process {c['whole_process_s']} s"]
+    return [f"recipes/cifar10_resnet18.yaml, {c['epochs']} epoch(s): s/epoch {c['s_per_epoch']}, "
+            f"kNN top-1 {c['knn_top1']}, whole-process {c['whole_process_s']} s"]
+
+
+# key -> (title, the lines of its result in the Markdown, from the whole result)
+SECTIONS = {"cuda_tests": ("CUDA-only tests", lambda r: [f"CUDA-only tests: {r['cuda_tests']['summary']}"]),
+            "planner": ("planner vs measured", _planner_lines), "speed": ("MoCo step vs supervised step", _speed_lines),
+            "pipeline": ("input pipeline", _pipeline_lines), "cifar": ("CIFAR-10 run", _cifar_lines)}
+
+
+def markdown(r: dict) -> str:
+    env = r["environment"]
+    memory = f", total memory {env['gpu_memory_gb']:.2f} GiB" if "gpu_memory_gb" in env else ""
+    lines = [f"# benchmarks gpu: {env['device_name']}", "", f"`{r['command']}`, torch {env['torch']}{memory}."]
+    for key, (title, render) in SECTIONS.items():
+        failed = r["failed"].get(key)
+        lines += [""] + ([f"{title}: FAILED: {failed}"] if failed else render(r))
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str]) -> int:
-    smoke = "--smoke" in argv
-    out_dir = Path(argv[argv.index("--out") + 1]) if "--out" in argv else RESULTS
-    tarball = Path(argv[argv.index("--tarball") + 1]) if "--tarball" in argv else TARBALL
-    device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
-    if device.type == "cpu" and not smoke:
+    p = parser("gpu", __doc__)
+    p.add_argument("--smoke", action="store_true", help="the same sections at tiny sizes on a CPU")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    p.add_argument("--tarball", type=Path, default=CIFAR10_TARBALL, help="the CIFAR-10 JPEG tarball")
+    args = p.parse_args(argv)
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu" and not args.smoke:
         sys.exit("no CUDA GPU is visible to PyTorch; run with --smoke to exercise this command on a CPU")
-    s = SMOKE if smoke else FULL
+    s = SMOKE if args.smoke else FULL
     threads = torch.get_num_threads()
-    if smoke:  # tiny steps: more threads only spin on a shared CPU
+    if args.smoke:  # tiny steps: more threads only spin on a shared CPU
         torch.set_num_threads(1)
     if device.type == "cuda":  # behave like a 16 GiB card
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * 2**30 / total), device)
     try:
         with tempfile.TemporaryDirectory(prefix="lowmem_moco_gpu_") as scratch:  # smoke: removed afterwards
-            return _run(s, device, smoke, out_dir, tarball, argv,
-                        Path(scratch) if smoke else REPO_ROOT / "data" / "gpu-bench")
+            work = Path(scratch) if args.smoke else REPO_ROOT / "data" / "gpu-bench"
+            return run_sections(s, device, args.smoke, args.out, args.tarball, command_line("gpu", argv), work)
     finally:
         torch.set_num_threads(threads)  # the caller's (the test suite's) setting
 
 
-def _run(s: dict, device: torch.device, smoke: bool, out_dir: Path, tarball: Path, argv: list, work: Path) -> int:
-    r = dict(command="python -m benchmarks gpu " + " ".join(argv), environment=environment(device),
-             plan_recipe=s["plan_recipe"], plan_overrides=s["plan_overrides"])
-    start, r["section_s"] = time.perf_counter(), {}
-    sections = [("cuda_tests", "CUDA-only tests", cuda_tests),
-                ("planner", "planner vs measured", lambda: planner_vs_measured(s, device, print)),
-                ("speed", "MoCo step vs supervised step", lambda: speed(s, device.type)),
-                ("pipeline", "input pipeline", lambda: measure_pipeline(**s["pipeline"], workers=2, work_dir=work,
-                                                                        tarball=tarball, devices=(device.type,))),
-                ("cifar", "CIFAR-10 run", lambda: cifar_run(s, tarball, work))]
-    for key, title, run in sections:
-        print(f"{title} ...", flush=True)
+def run_sections(s: dict, device: torch.device, smoke: bool, out_dir: Path, tarball: Path, command: str,
+                 work: Path) -> int:
+    """Every section, each on its own (one that raises is recorded as failed); writes the results;
+    returns the exit status."""
+    r = dict(command=command, environment=environment(device.type), plan_recipe=s["plan_recipe"],
+             plan_overrides=s["plan_overrides"], planner=[], section_s={}, failed={})
+    runs = {"cuda_tests": lambda: cuda_tests(device),
+            "planner": lambda: planner_vs_measured(s, device, print),
+            "speed": lambda: speed(s, device.type),
+            "pipeline": lambda: measure_section("pipeline", **s["pipeline"], workers=2, work_dir=work,
+                                                tarball=tarball, devices=(device.type,)),
+            "cifar": lambda: cifar_run(s, tarball, work)}
+    start = time.perf_counter()
+    for key, run in runs.items():
+        print(f"{SECTIONS[key][0]} ...", flush=True)
         began = time.perf_counter()
-        r[key] = run()
+        try:
+            r[key] = run()
+        except Exception as err:  # the other sections still run; the exit status says it
+            r["failed"][key] = f"{type(err).__name__}: {err}"
+            print(f"{SECTIONS[key][0]}: FAILED: {r['failed'][key]}", flush=True)
         r["section_s"][key] = round(time.perf_counter() - began, 1)
     r["whole_process_s"] = round(time.perf_counter() - start, 1)
     measured = [c for c in r["planner"] if "reserved" in c]
@@ -219,9 +247,8 @@ def _run(s: dict, device: torch.device, smoke: bool, out_dir: Path, tarball: Pat
         r["margin"] = dict(reserved_over_planned=max(c["reserved_over_planned"] for c in measured),
                            outside_allocator_gib=max(c["outside_allocator"] for c in measured) / 2**30,
                            provisional=CUDA_MARGIN)
-    slug = re.sub(r"[^a-z0-9]+", "-", r["environment"].get("name", "cpu").lower()).strip("-")
-    stem = out_dir / f"gpu-{slug}{'-smoke' if smoke else ''}-{datetime.date.today().isoformat()}"
-    stem.with_suffix(".json").write_text(json.dumps(r, indent=1, default=str))
-    stem.with_suffix(".md").write_text(markdown(r))
-    print(f"wrote {stem}.json and .md ({r['whole_process_s']} s)")
-    return 0 if r["cuda_tests"]["passed"] and all(not c.get("oom") for c in r["planner"]) or smoke else 1
+    slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", r["environment"]["device_name"].lower()).strip("-")
+    paths = write_results(dated(f"gpu-{slug}{'-smoke' if smoke else ''}"), r, markdown(r), out_dir)
+    print(f"wrote {paths['json']} and {paths['md']} ({r['whole_process_s']} s)")
+    ok = not r["failed"] and r["cuda_tests"]["passed"] and not any(c.get("oom") for c in r["planner"])
+    return 0 if ok else 1

@@ -1,5 +1,9 @@
-"""`python -m benchmarks plan-check`: the planner's fake-tensor prediction against MemTracker's
-peak for the same step on real CPU tensors, over a grid; every cell should agree within 5 %.
+"""The planner's fake-tensor prediction against MemTracker's peak on real CPU tensors (within 5 %).
+
+    python -m benchmarks plan-check            # the grid below; writes results/plan-check-cpu-<date>.{json,md}
+    python -m benchmarks plan-check --smoke    # one tiny cell group, nothing written
+
+Every cell of the grid should agree within 5 %; the command exits non-zero when one does not.
 
 Grid: resnet18, resnet50, convnext_atto (two image sizes) and vit_tiny_patch16_224 (224 px);
 two micro-batches; checkpointing off and on; precision no and bf16 (CPU autocast). Both sides
@@ -9,8 +13,6 @@ optimizer state and input views, once on fake tensors and once on real ones.
 
 from __future__ import annotations
 
-import datetime
-import json
 import time
 from pathlib import Path
 
@@ -19,7 +21,9 @@ import torch
 from lowmem_moco.config import load_config
 from lowmem_moco.plan.predict import PlannedStep
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from ..harness.cli import parser
+from ..harness.results import RESULTS, command_line, dated, markdown_table, write_results
+
 # Sizes and batches where activations, not the weights, make the peak.
 ARCHS = {"resnet18": (96, 160), "resnet50": (96, 160), "convnext_atto": (96, 160), "vit_tiny_patch16_224": (224,)}
 SMOKE = {"resnet18": (32,)}
@@ -34,7 +38,7 @@ def check(archs: dict = ARCHS, batch: int = 32, micro_batches: tuple = (16, 32),
                 for ckpt in (False, True):
                     cfg = load_config(None, [f"model.arch={arch}", f"data.image_size={size}",
                                              f"train.batch_size={batch}", f"moco.queue_size={queue_size}",
-                                             "moco.key_chunks=4", "data.source=synthetic"])
+                                             f"moco.key_chunks={min(4, batch // 2)}", "data.source=synthetic"])
                     fake, real = PlannedStep(cfg, precision, ckpt), PlannedStep(cfg, precision, ckpt, fake=False)
                     for mb in micro_batches:
                         start = time.perf_counter()
@@ -55,16 +59,15 @@ def check(archs: dict = ARCHS, batch: int = 32, micro_batches: tuple = (16, 32),
 
 def markdown(cells: list[dict], command: str) -> str:
     worst = max(cells, key=lambda c: abs(c["error"]))
-    lines = [f"# plan-check: planned (fake tensors) vs measured (real CPU tensors) peak, {datetime.date.today()}",
-             "", f"`{command}` on this machine's CPU; MiB of tensor memory at the step's peak "
-             f"(torch MemTracker). Worst cell: {_label(worst)}, error {worst['error']:+.2%}.", "",
-             "| arch | px | precision | ckpt | mb | planned MiB | measured MiB | error | activations share |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for c in cells:
-        lines.append(f"| {c['arch']} | {c['image_size']} | {c['precision']} | {'on' if c['checkpointing'] else 'off'}"
-                     f" | {c['micro_batch']} | {c['planned_bytes'] / 2**20:.1f} | {c['measured_bytes'] / 2**20:.1f}"
-                     f" | {c['error']:+.2%} | {c['activation_share']:.0%} |")
-    return "\n".join(lines) + "\n"
+    body = [[c["arch"], c["image_size"], c["precision"], "on" if c["checkpointing"] else "off", c["micro_batch"],
+             f"{c['planned_bytes'] / 2**20:.1f}", f"{c['measured_bytes'] / 2**20:.1f}", f"{c['error']:+.2%}",
+             f"{c['activation_share']:.0%}"] for c in cells]
+    return "\n".join([
+        "# plan-check: planned (fake tensors) vs measured (real CPU tensors) peak", "",
+        f"`{command}` on this machine's CPU; MiB of tensor memory at the step's peak (torch MemTracker). "
+        f"Worst cell: {_label(worst)}, error {worst['error']:+.2%}.", "",
+        *markdown_table(["arch", "px", "precision", "ckpt", "mb", "planned MiB", "measured MiB", "error",
+                         "activations share"], body)]) + "\n"
 
 
 def _label(c: dict) -> str:
@@ -72,15 +75,19 @@ def _label(c: dict) -> str:
             f"{'on' if c['checkpointing'] else 'off'} micro-batch {c['micro_batch']}")
 
 
-def main(smoke: bool = False, out_dir: Path = RESULTS, command: str = "python -m benchmarks plan-check") -> int:
+def main(argv: list[str]) -> int:
+    p = parser("plan-check", __doc__)
+    p.add_argument("--smoke", action="store_true", help="resnet18 at 32 px, batch 4: a minute; writes nothing")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    args = p.parse_args(argv)
     torch.set_num_threads(1)  # the real steps are small: more threads on a shared CPU only spin
-    cells = check(SMOKE, batch=4, micro_batches=(2, 4), queue_size=256) if smoke else check()
+    cells = check(SMOKE, batch=4, micro_batches=(2, 4), queue_size=256) if args.smoke else check()
     worst = max(cells, key=lambda c: abs(c["error"]))
     print(f"worst cell: {_label(worst)}: error {worst['error']:+.2%} "
           f"({'within' if abs(worst['error']) <= 0.05 else 'OVER'} the 5 % target)")
-    if not smoke:
-        stem = out_dir / f"plan-check-cpu-{datetime.date.today().isoformat()}"
-        stem.with_suffix(".json").write_text(json.dumps(dict(command=command, cells=cells, worst=worst), indent=1))
-        stem.with_suffix(".md").write_text(markdown(cells, command))
-        print(f"wrote {stem}.json and .md")
+    if not args.smoke:
+        command = command_line("plan-check", argv)
+        paths = write_results(dated("plan-check-cpu"), dict(command=command, cells=cells, worst=worst),
+                              markdown(cells, command), args.out)
+        print(f"wrote {paths['json']} and {paths['md']}")
     return 0 if abs(worst["error"]) <= 0.05 else 1

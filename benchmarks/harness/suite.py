@@ -1,13 +1,12 @@
 """The grids, the run over them, and the figures derived across cells.
 
-    report = run_suite(quick_grid(), Path("benchmarks/results"))
+    report = run_suite(quick_grid(), RESULTS)  # benchmarks.harness.results.RESULTS
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-import platform
 import socket
 import sys
 import time
@@ -18,15 +17,15 @@ import torch
 from . import report as reports
 from . import targets
 from .cells import Cell
+from .machine import environment
 from .measure import run_cell, time_together
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from .results import RESULTS
 
 
 # ---------------------------------------------------------------- grids
 
 
-def _chunks(batch: int, wanted: int = 8) -> int:
+def key_chunks_for(batch: int, wanted: int = 8) -> int:
     return max(1, min(wanted, batch // 2))  # at least 2 keys per chunk for BatchNorm
 
 
@@ -63,7 +62,7 @@ def full_grid(arch: str, image_size: int, micro_batches: list[int], batch: int, 
         for precision in precisions:
             for cl in channels_last:
                 for ckpt in (False, True):
-                    cells.append(Cell("lowmem", arch, image_size, mb, B, precision, ckpt, _chunks(B), cl,
+                    cells.append(Cell("lowmem", arch, image_size, mb, B, precision, ckpt, key_chunks_for(B), cl,
                                       max(queue_size, B)))
     return cells
 
@@ -93,37 +92,7 @@ def _ref_key(c: Cell | dict) -> tuple:
     return g("arch"), g("image_size"), g("micro_batch"), g("precision"), g("channels_last")
 
 
-# ---------------------------------------------------------------- environment and derived figures
-
-
-def environment(device: str, threads: int | None = None) -> dict:
-    import accelerate
-    import timm
-
-    env = dict(host=socket.gethostname(), platform=platform.platform(), python=platform.python_version(),
-               torch=torch.__version__, timm=timm.__version__, accelerate=accelerate.__version__,
-               threads=threads or torch.get_num_threads(), interop_threads=torch.get_num_interop_threads(),
-               cpu_count=os.cpu_count(), device=device, cpu=cpu_name(),
-               omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        env.update(device_name=props.name, capability=f"{props.major}.{props.minor}",
-                   gpu_memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
-                   cudnn=torch.backends.cudnn.version())
-    else:
-        env["device_name"] = f"CPU ({env['cpu']}, {env['threads']} thread{'s' if env['threads'] != 1 else ''})"
-    return env
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+# ---------------------------------------------------------------- derived figures
 
 
 def derive(cells: list[dict]) -> None:

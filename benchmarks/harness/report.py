@@ -7,9 +7,10 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+
+from .results import markdown_table, write_results
 
 # (heading, key in a cell's record, format, on screen too); the README explains each column.
 COLUMNS = [
@@ -55,6 +56,9 @@ def rows(cells: list[dict], screen: bool = False) -> tuple[list[str], list[list[
     return [c[0] for c in cols], [[_cell_text(cell, key, fmt) for _, key, fmt, _ in cols] for cell in cells]
 
 
+TARGET_HEADS = ("status", "target", "measured", "what")
+
+
 def target_rows(targets: list[dict]) -> list[list[str]]:
     out = []
     for t in targets:
@@ -79,7 +83,7 @@ def print_report(report: dict) -> None:
     console.print(table)
     if report.get("targets"):
         tt = Table(title="targets")
-        for head in ("status", "target", "measured", "what"):
+        for head in TARGET_HEADS:
             tt.add_column(head)
         for row in target_rows(report["targets"]):
             style = {"PASS": "green", "MISS": "red"}.get(row[0], "yellow")
@@ -106,11 +110,9 @@ def markdown(report: dict) -> str:
              f"`{report['command']}` on {report['created']}; torch {env['torch']}, timm {env['timm']}, "
              f"{env['threads']} thread(s) per cell; timings: the median of {report['settings']['repeats']} steps, after a "
              f"first step and {report['settings']['warmup']} more warm-up steps (untimed).", "",
-             "| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
+             *markdown_table(heads, body)]
     if report.get("targets"):
-        lines += ["", "| status | target | measured | what |", "|---|---|---|---|"]
-        lines += ["| " + " | ".join(row) + " |" for row in target_rows(report["targets"])]
+        lines += ["", *markdown_table(TARGET_HEADS, target_rows(report["targets"]))]
     if report.get("data_input"):
         lines += [""] + [f"- {data_line(p)}" for p in report["data_input"]]
     if report.get("notes"):
@@ -150,12 +152,11 @@ def plot(report: dict, path: Path) -> str | None:
 
 
 def write(report: dict, out_dir: Path, stem: str) -> dict[str, Path]:
+    """The plot, then the JSON and Markdown through the one results writer."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
-    note = plot(report, paths["png"])
+    png = out_dir / f"{stem}.png"
+    note = plot(report, png)
     if note:
         report.setdefault("notes", []).append(note)
-        del paths["png"]
-    paths["json"].write_text(json.dumps(report, indent=1, default=str) + "\n")
-    paths["md"].write_text(markdown(report))
-    return paths
+    paths = write_results(stem, report, markdown(report), out_dir)
+    return paths if note else dict(paths, png=png)

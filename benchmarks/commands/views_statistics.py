@@ -1,6 +1,6 @@
 """The batched view path against torchvision's, measured: crop boxes, blur spread, aliasing.
 
-    python -m benchmarks.views_statistics            # prints the table, writes benchmarks/results/views-statistics.md
+    python -m benchmarks views-statistics   # prints the table, writes benchmarks/results/views-statistics.{json,md}
 
 For photo-sized images (500x375 and 375x500) it compares three ways of making a view:
 
@@ -17,7 +17,6 @@ tests/data/augment/test_views_statistics.py asserts the same measures against to
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +32,10 @@ from lowmem_moco.data.augment.crops import CROP_DRAWS, crop_boxes, resized_crops
 from lowmem_moco.data.stores.ragged import RaggedImages
 from lowmem_moco.data.augment.sample_rng import uniforms
 
+from ..harness.cli import parser
+from ..harness.results import RESULTS, command_line, markdown_table, write_results
+
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
-RESULTS = Path(__file__).resolve().parent / "results" / "views-statistics.md"
 
 
 # ---------------------------------------------------------------------- crop boxes, in original pixels
@@ -130,47 +131,46 @@ def aliasing_energy(size: int, factor: int = 4) -> dict:
 # ---------------------------------------------------------------------- the table
 
 
-def table(image_size: int = 224, n: int = 20000) -> str:
-    rows = ["| measure | image | torchvision | batched | before |", "|---|---|---|---|---|"]
+HEADS = ["measure", "image", "torchvision", "batched", "before"]
+PATHS = ("torchvision", "batched", "before")
+
+
+def table(image_size: int = 224, n: int = 20000) -> list[list[str]]:
+    """Rows under HEADS: the crop boxes on both photo shapes, the blur's spread, the aliasing."""
+    rows = []
     for height, width in ((375, 500), (500, 375)):
         shape = f"{width}x{height}"
         found = {name: box_summary(*sampler(height, width, n, *extra)[:1], height, width,
                                    sampler(height, width, 1, *extra)[1]) for name, sampler, extra in
                  (("torchvision", torchvision_boxes, ()), ("batched", batched_boxes, (image_size,)),
                   ("before", before_boxes, (image_size,)))}
-        for key, label in (("left", "crops reaching the left border"), ("right", "... the right border"),
-                           ("top", "... the top border"), ("bottom", "... the bottom border"),
-                           ("side_bands", "crops reaching outside the centred square")):
-            rows.append(f"| {label} | {shape} | " + " | ".join(f"{found[k][key]:.3f}" for k in found) + " |")
-        rows.append(f"| median crop side sqrt(h w), original px | {shape} | " +
-                    " | ".join(f"{found[k]['median_side']:.0f}" for k in found) + " |")
-        rows.append(f"| ... in px of the image sampled (cache) | {shape} | " +
-                    " | ".join(f"{found[k]['median_sampled_side']:.0f}" for k in found) + " |")
+        for key, label, fmt in (("left", "crops reaching the left border", "{:.3f}"),
+                                ("right", "... the right border", "{:.3f}"), ("top", "... the top border", "{:.3f}"),
+                                ("bottom", "... the bottom border", "{:.3f}"),
+                                ("side_bands", "crops reaching outside the centred square", "{:.3f}"),
+                                ("median_side", "median crop side sqrt(h w), original px", "{:.0f}"),
+                                ("median_sampled_side", "... in px of the image sampled (cache)", "{:.0f}")):
+            rows.append([label, shape, *(fmt.format(found[k][key]) for k in PATHS)])
     for view in (32, image_size):
         for sigma in (1.0, 2.0):
             spread = blur_spread(sigma, view)
-            rows.append(f"| effective blur sigma, sigma {sigma} | {view} px view | " +
-                        " | ".join(f"{spread[k]:.2f}" for k in ("torchvision", "batched", "before")) + " |")
+            rows.append([f"effective blur sigma, sigma {sigma}", f"{view} px view", *(f"{spread[k]:.2f}" for k in PATHS)])
     for view in (32, image_size):
         energy = aliasing_energy(view)
-        rows.append(f"| aliased energy, 4x downscale | {view} px view | " +
-                    " | ".join(f"{energy[k]:.4f}" for k in ("torchvision", "batched", "before")) + " |")
-    return "\n".join(rows)
+        rows.append(["aliased energy, 4x downscale", f"{view} px view", *(f"{energy[k]:.4f}" for k in PATHS)])
+    return rows
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--draws", type=int, default=20000, help="crop boxes per sampler and image")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    text = table(args.image_size, args.draws)
+def main(argv: list[str]) -> int:
+    p = parser("views-statistics", __doc__)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--draws", type=int, default=20000, help="crop boxes per sampler and image")
+    p.add_argument("--out", type=Path, default=RESULTS / "views-statistics", help="results path without suffix")
+    args = p.parse_args(argv)
+    rows = table(args.image_size, args.draws)
+    text = "\n".join(markdown_table(HEADS, rows))
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(f"# Views: torchvision vs the batched path (view size {args.image_size} px, "
-                        f"{args.draws} crops per sampler)\n\nCommand: `python -m benchmarks.views_statistics`\n\n"
-                        f"{text}\n")
-
-
-if __name__ == "__main__":
-    main()
+    write_results(args.out, [dict(zip(HEADS, row)) for row in rows],
+                  f"# Views: torchvision vs the batched path (view size {args.image_size} px, {args.draws} crops per "
+                  f"sampler)\n\nCommand: `{command_line('views-statistics', argv)}`\n\n{text}\n")
+    return 0

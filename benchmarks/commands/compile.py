@@ -4,7 +4,7 @@
     python -m benchmarks compile --archs resnet18,resnet50 --image-size 96 --steps 5
     python -m benchmarks compile --device cuda --archs resnet50 --image-size 224 --batch 256 --micro-batch 64
 
-Both steps are the trainer's own (cells.build -> train.build_model / build_step), on the same
+Both steps are the trainer's own (harness.cells.build -> lowmem_moco.factory.build_model / build_step), on the same
 random images, with the same seed. The compiled step's first call compiles f_q's backbone
 (forward and backward, at the micro-batch) and f_k's (forward, at the key chunk); its compile
 time is that first step minus a steady compiled step. Inductor's on-disk cache starts empty
@@ -15,20 +15,18 @@ machine slows both alike; the steady figures are medians.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .cells import Cell, build
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from ..harness.cells import Cell, build
+from ..harness.cli import parser
+from ..harness.results import command_line, dated, markdown_table, write_results
 
 
 def _timed(step, device: torch.device) -> tuple[float, float]:
@@ -80,14 +78,13 @@ def markdown(rows: list[dict], command: str, device: torch.device, cache_dir: st
         "steps alternate after the first, medians of the steady ones; inductor's cache "
         f"{'in ' + cache_dir if cache_dir else 'empty at the start'}. "
         f"Load average over the last minute at the end: {os.getloadavg()[0]:.1f}.", "",
-        "| model | px | batch / micro / key chunks | eager step s | compiled step s | speed-up | first compiled step s "
-        "| compile s | graphs compiled | largest relative loss gap |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        lines.append(f"| {r['arch']} | {r['image_size']} | {r['batch']} / {r['micro_batch']} / {r['key_chunks']} "
-                     f"| {r['eager_s']:.3f} | {r['compiled_s']:.3f} | {r['speedup']:.2f}x | {r['first_compiled_s']:.1f} "
-                     f"| {r['compile_s']:.1f} | {r['graphs']} | {r['loss_gap']:.1e} |")
+    body = [[r["arch"], r["image_size"], f"{r['batch']} / {r['micro_batch']} / {r['key_chunks']}", f"{r['eager_s']:.3f}",
+             f"{r['compiled_s']:.3f}", f"{r['speedup']:.2f}x", f"{r['first_compiled_s']:.1f}", f"{r['compile_s']:.1f}",
+             r["graphs"], f"{r['loss_gap']:.1e}"] for r in rows]
+    lines += markdown_table(["model", "px", "batch / micro / key chunks", "eager step s", "compiled step s", "speed-up",
+                             "first compiled step s", "compile s", "graphs compiled", "largest relative loss gap"],
+                            body, "lrlrrrrrrr")
     lines += ["", "Every step's seconds and losses (eager, compiled):", ""]
     lines += [f"- {r['arch']}: eager {', '.join(f'{t:.3f}' for t in r['times']['eager'])}; "
               f"compiled {', '.join(f'{t:.3f}' for t in r['times']['compiled'])}; losses eager "
@@ -96,9 +93,8 @@ def markdown(rows: list[dict], command: str, device: torch.device, cache_dir: st
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks compile", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str]) -> int:
+    p = parser("compile", __doc__)
     p.add_argument("--archs", default="resnet18", help="timm model names, comma-separated")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
@@ -111,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="inductor's cache folder (default: a new empty one); a second run with the same "
                         "folder measures a warm start")
     p.add_argument("--out", type=Path, default=None,
-                   help="a Markdown file (default: benchmarks/results/compile-<device>-<date>.md)")
-    argv = sys.argv[1:] if argv is None else argv
+                   help="results path, .md or without suffix (default: benchmarks/results/compile-<device>-<date>)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -123,11 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{arch}: eager {r['eager_s']:.3f} s, compiled {r['compiled_s']:.3f} s ({r['speedup']:.2f}x), "
               f"compile {r['compile_s']:.1f} s, {r['graphs']} graphs, loss gap {r['loss_gap']:.1e}", flush=True)
         rows.append(r)
-    out = args.out or RESULTS / f"compile-{device.type}-{datetime.date.today().isoformat()}.md"
-    out.write_text(markdown(rows, "python -m benchmarks compile " + " ".join(argv), device, args.cache_dir))
-    print(f"wrote {out}")
+    text = markdown(rows, command_line("compile", argv), device, args.cache_dir)
+    paths = write_results(args.out or dated(f"compile-{device.type}"), rows, text)
+    print(f"wrote {paths['md']}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

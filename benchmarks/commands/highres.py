@@ -1,5 +1,4 @@
-"""`python -m benchmarks highres`: the 1024-px recipe's training speed on this machine, and what
-an epoch of 10,000 images costs at that speed.
+"""The 1024-px recipe's training speed on this machine, and what an epoch of 10,000 images costs.
 
     python -m benchmarks highres                                  # recipes/highres_resnet50.yaml, batch 8 = 2 x 4
     python -m benchmarks highres --batch 256 --micro-batch 32     # the recipe's own batch (a GPU)
@@ -12,41 +11,27 @@ epoch time for 10,000 images is that rate extrapolated (10,000 / images per seco
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import statistics
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from lowmem_moco.config import load_config
 from lowmem_moco.trainer import Trainer
 
-from .suite import environment
+from ..harness.cli import parser
+from ..harness.images import smooth_photos, write_jpegs
+from ..harness.machine import environment
+from ..harness.results import REPO_ROOT, RESULTS, command_line, dated, markdown_table, write_results
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "highres_resnet50.yaml"
-RESULTS = Path(__file__).resolve().parent / "results"
+RECIPE = REPO_ROOT / "recipes" / "highres_resnet50.yaml"
 EPOCH_IMAGES = 10_000
 
 
-def write_photos(root: Path, count: int, seed: int = 0) -> Path:
-    """`count` smooth random JPEGs, 1280x1024 and 1024x1280 in turn, in two class folders."""
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        height, width = (1024, 1280) if i % 2 == 0 else (1280, 1024)
-        coarse = rng.integers(0, 256, (height // 64, width // 64, 3), dtype=np.uint8)
-        path = root / "train" / f"class{i % 2}" / f"{i:04d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.repeat(np.repeat(coarse, 64, axis=0), 64, axis=1)).save(path, quality=90)
-    return root
-
-
 def measure(batch: int, micro_batch: int, steps: int, overrides: list[str], work: Path) -> dict:
-    photos = write_photos(work / "photos", batch * (steps + 1))
+    photos = write_jpegs(smooth_photos(batch * (steps + 1), block=64), work / "photos")
     run_dir = work / "run"
     cfg = load_config(RECIPE, [f"data.root={photos}", f"output_dir={run_dir}", f"train.batch_size={batch}",
                                f"train.micro_batch_size={micro_batch}", f"train.max_steps={steps + 1}",
@@ -67,32 +52,29 @@ def measure(batch: int, micro_batch: int, steps: int, overrides: list[str], work
 def markdown(result: dict, command: str, env: dict) -> str:
     r = result
     return "\n".join([
-        f"# The 1024-px recipe's speed, {datetime.date.today()}", "",
+        "# The 1024-px recipe's speed", "",
         f"`{command}` on {env.get('device_name') or env.get('cpu') or r['device']} (measured): "
         f"recipes/highres_resnet50.yaml, 1024 px, ResNet-50, precision {r['precision']}, checkpointing, "
         f"batch {r['batch']} = micro-batches of {r['micro_batch']}, {r['key_chunks']} key chunks, generated "
         f"1280x1024 JPEG photos; median of {r['timed_steps']} timed step(s) after one untimed step.", "",
-        "| images/s | s/step | epoch of 10,000 images (extrapolated) | peak memory MB |", "|---|---|---|---|",
-        f"| {r['images_per_s']:.3f} | {r['seconds_per_step']:.1f} | {r['epoch_hours']:.1f} h | {r['peak_mem_mb']:.0f} |",
-        ""])
+        *markdown_table(["images/s", "s/step", "epoch of 10,000 images (extrapolated)", "peak memory MB"],
+                        [[f"{r['images_per_s']:.3f}", f"{r['seconds_per_step']:.1f}", f"{r['epoch_hours']:.1f} h",
+                          f"{r['peak_mem_mb']:.0f}"]])]) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks highres", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str]) -> int:
+    p = parser("highres", __doc__)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=2, help="timed steps (after one untimed step)")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     p.add_argument("overrides", nargs="*", help="more key=value overrides of the recipe")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory(prefix="lowmem-moco-highres-") as work:
         result = measure(args.batch, args.micro_batch, args.steps, args.overrides, Path(work))
-    command = "python -m benchmarks highres " + " ".join(argv or [])
     env = environment(device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"highres-{device}-{datetime.date.today()}.md"
-    path.write_text(markdown(result, command.strip(), env))
-    print(path.read_text())
+    text = markdown(result, command_line("highres", argv), env)
+    write_results(dated(f"highres-{device}"), dict(result, environment=env), text, args.out)
+    print(text)
     return 0
