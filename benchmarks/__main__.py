@@ -9,6 +9,7 @@
     python -m benchmarks gpu [--smoke]                                        # the GPU machine's one command
     python -m benchmarks caches --image-size 96 --image-size 224              # input img/s by data.cache
     python -m benchmarks highres                                              # the 1024-px recipe's img/s
+    python -m benchmarks peers --quick                                        # lightly's MoCo v2 beside ours
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 # name -> (module, its entry point taking the remaining arguments); "cell" is internal: one
 # measurement in a fresh child process.
 COMMANDS = {"cell": (".measure", "cell_main"), "gpu": (".gpu", "main"), "input-memory": (".input_memory", "main"),
-            "highres": (".highres", "main"), "caches": (".input_caches", "main"), "compile": (".compile_speed", "main")}
+            "highres": (".highres", "main"), "caches": (".input_caches", "main"), "compile": (".compile_speed", "main"),
+            "peers": (".peers", "main")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@
     3. the MoCo step's images/s over timm's supervised step's, same backbone and micro-batch
     4. the batched GPU input pipeline's two-view images/s at 224 px
     5. 2 epochs of recipes/cifar10_resnet18.yaml: s/epoch and kNN top-1
+    6. lightly's MoCo v2 step beside ours (benchmarks/peers.py; skipped, with a line, without lightly)
 
 Writes benchmarks/results/gpu-<device>-<date>.{json,md}. Offline: the data is the CIFAR-10 JPEG
 tarball at data/cifar10-train-jpeg.tar.gz (git-ignored; copy it next to the checkout).
@@ -30,6 +31,7 @@ import torch
 from lowmem_moco.config import load_config
 from lowmem_moco.plan.predict import CUDA_MARGIN, PlannedStep
 
+from . import peers
 from .cells import Cell
 from .data_pipeline import cifar_subset, measure_pipeline
 from .measure import CIFAR10_TARBALL, REPO_ROOT, time_together
@@ -207,7 +209,9 @@ def _run(s: dict, device: torch.device, smoke: bool, out_dir: Path, tarball: Pat
                 ("speed", "MoCo step vs supervised step", lambda: speed(s, device.type)),
                 ("pipeline", "input pipeline", lambda: measure_pipeline(**s["pipeline"], workers=2, work_dir=work,
                                                                         tarball=tarball, devices=(device.type,))),
-                ("cifar", "CIFAR-10 run", lambda: cifar_run(s, tarball, work))]
+                ("cifar", "CIFAR-10 run", lambda: cifar_run(s, tarball, work)),
+                # lightly's MoCo v2 beside ours; writes its own peers-<device>-<date>.{json,md}
+                ("peers", "lightly's MoCo v2 beside ours", lambda: peers.gpu_section(smoke, device, out_dir))]
     for key, title, run in sections:
         print(f"{title} ...", flush=True)
         began = time.perf_counter()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
 import pytest
 
 from benchmarks.gpu import TARBALL as CIFAR_TARBALL, main
@@ -22,3 +24,4 @@ def test_gpu_command_smoke_writes_every_section(tmp_path):
     assert r["pipeline"]["batched_cpu"] > 0
     assert r["cifar"]["epochs"] == 1 and r["cifar"]["knn_top1"][0] is not None
     assert "Planner (predicted) vs measured" in result.with_suffix(".md").read_text()
+    assert r["peers"].get("skipped") or [Path(f).name[:10] for f in r["peers"]["files"]] == ["peers-cpu-"] * 2
