@@ -47,7 +47,7 @@ RESULTS = REPO_ROOT / "benchmarks" / "results"
 SPLITS = {"same": 1, "quarter": 4, "eighth": 8}  # the project's rows: micro-batches (= key chunks) per batch
 ROWS = ("lightly", *SPLITS)  # as reported
 BUILT = ("same", "lightly", "quarter", "eighth")  # as built and timed: lightly starts from `same`'s state
-# The issue's bounds, as fractions of lightly's figure: (row, measure, bound, at most?).
+# The targets, as fractions of lightly's figure: (row, measure, bound, at most?).
 TARGETS = (("same", "peak", 0.75, True), ("quarter", "peak", 0.25, True),
            ("same", "img/s", 1.0, False), ("quarter", "img/s", 0.95, False))
 
@@ -207,7 +207,7 @@ def markdown(r: dict) -> str:
             lines.append(f"| {ROW_TEXT[name].format(v=env['lightly'])} | {x['micro_batch']} | "
                          f"{x['key_chunks'] or '-'} | {x['peak_mb']:.0f} | {x['peak_vs_lightly']:.2f} | {extra} | "
                          f"{x['images_per_s']:.1f} | {x['speed_vs_lightly']:.2f} | {x['loss']:.4f} |")
-        lines += [""] + [f"- {t['status']}: {t['row']} {t['measure']} vs lightly {t['ratio']:.2f} "
+        lines += [""] + [f"- {t['status']}: {t['row']} {t['measure']} vs lightly {t['ratio']:.3f} "
                          f"({'<=' if t['at_most'] else '>='} {t['bound']})" for t in c["targets"]] + [""]
     return "\n".join(lines)
 
@@ -223,7 +223,7 @@ def run(cells: list[PeerCell], device: torch.device, warmup: int, repeats: int, 
         log(f"{cell.label} ...", flush=True)
         r["cells"].append(measure_cell(cell, device, warmup, repeats))
         for t in r["cells"][-1]["targets"]:
-            log(f"  {t['status']} {t['row']} {t['measure']} vs lightly {t['ratio']:.2f}")
+            log(f"  {t['status']} {t['row']} {t['measure']} vs lightly {t['ratio']:.3f}")
     slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-")
     stem = out_dir / f"peers-{slug}-{datetime.date.today().isoformat()}"
     out_dir.mkdir(parents=True, exist_ok=True)
