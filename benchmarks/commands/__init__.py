@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gpu": ("gpu", ()),
     "views-statistics": ("views_statistics", ()),
     "quality": ("quality", ()),
+    "peers": ("peers", ()),
     "pipeline": ("inputs", ("pipeline",)),
     "caches": ("inputs", ("caches",)),
     "input-memory": ("inputs", ("memory",)),

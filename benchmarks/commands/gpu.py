@@ -10,9 +10,10 @@
     3. the MoCo step's images/s over timm's supervised step's, same backbone and micro-batch
     4. the batched GPU input pipeline's two-view images/s at 224 px
     5. 2 epochs of recipes/cifar10_resnet18.yaml: s/epoch and kNN top-1
+    6. lightly's MoCo v2 step beside ours (commands/peers.py; skipped, with a line, without lightly)
 
 Writes benchmarks/results/gpu-<device>-<date>.{json,md}. Offline: the data is the CIFAR-10 JPEG
-tarball at data/cifar10-train-jpeg.tar.gz (git-ignored; copy it next to the checkout).
+tarball at data/cifar10-train-jpeg.tar.gz (git-ignored; README: Tests).
 `--smoke` runs the same sections at tiny sizes on a CPU (the test suite does). A section that
 fails is reported and the others still run; the exit status is non-zero when any section
 failed, when the CUDA tests failed (or, on a GPU, none ran) or a planner cell ran out of memory.
@@ -40,6 +41,7 @@ from ..harness.inputs import measure_section
 from ..harness.machine import environment
 from ..harness.measure import time_together
 from ..harness.results import REPO_ROOT, RESULTS, command_line, dated, markdown_table, write_results
+from . import peers
 CAP_GIB = 16
 FULL = dict(plan_recipe="recipes/imagenet_resnet50_mocov2.yaml", plan_overrides=[], micro_batches=(32, 128, 256),
             precision="fp16", speed=dict(arch="resnet50", image_size=224, micro_batch=128, batch=256,
@@ -180,9 +182,19 @@ def _cifar_lines(r: dict) -> list[str]:
 
 
 # key -> (title, the lines of its result in the Markdown, from the whole result)
+def _peers_lines(r: dict) -> list[str]:
+    p = r["peers"]
+    if p.get("skipped"):
+        return [f"lightly's MoCo v2 beside ours: skipped ({p['skipped']})"]
+    return [f"lightly's MoCo v2 beside ours: {Path(p['files'][1]).name}"] + [
+        f"- {c['label']}: " + ", ".join(f"{t['status']} {t['row']} {t['measure']} {t['ratio']:.3f}"
+                                       for t in c["targets"]) for c in p["cells"]]
+
+
 SECTIONS = {"cuda_tests": ("CUDA-only tests", lambda r: [f"CUDA-only tests: {r['cuda_tests']['summary']}"]),
             "planner": ("planner vs measured", _planner_lines), "speed": ("MoCo step vs supervised step", _speed_lines),
-            "pipeline": ("input pipeline", _pipeline_lines), "cifar": ("CIFAR-10 run", _cifar_lines)}
+            "pipeline": ("input pipeline", _pipeline_lines), "cifar": ("CIFAR-10 run", _cifar_lines),
+            "peers": ("lightly's MoCo v2 beside ours", _peers_lines)}
 
 
 def markdown(r: dict) -> str:
@@ -230,7 +242,9 @@ def run_sections(s: dict, device: torch.device, smoke: bool, out_dir: Path, tarb
             "speed": lambda: speed(s, device.type),
             "pipeline": lambda: measure_section("pipeline", **s["pipeline"], workers=2, work_dir=work,
                                                 tarball=tarball, devices=(device.type,)),
-            "cifar": lambda: cifar_run(s, tarball, work)}
+            "cifar": lambda: cifar_run(s, tarball, work),
+            # lightly's MoCo v2 beside ours; writes its own peers-<device>-<date>.{json,md}
+            "peers": lambda: peers.gpu_section(smoke, device, out_dir)}
     start = time.perf_counter()
     for key, run in runs.items():
         print(f"{SECTIONS[key][0]} ...", flush=True)

@@ -103,7 +103,7 @@ def build(cell: Cell, device: torch.device) -> Workload:
     return {"lowmem": _lowmem, "naive": _naive, "supervised": _supervised}[cell.kind](cell, device)
 
 
-def _prime(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+def prime_optimizer(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
     """A step with zero gradients: allocates SGD's momentum buffers so that a measured first
     step holds the same optimizer state as a step in the middle of training."""
     def prime():
@@ -142,7 +142,7 @@ def _lowmem(cell: Cell, device: torch.device) -> Workload:
     shuffle = torch.Generator().manual_seed(1)
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the real one
     return Workload(step=lambda: step_fn(view_q, view_k, cfg.moco.momentum, shuffle).loss,
-                    modules=[moco], optimizer=inner, inputs=[view_q, view_k], prime=_prime(inner))
+                    modules=[moco], optimizer=inner, inputs=[view_q, view_k], prime=prime_optimizer(inner))
 
 
 def _naive(cell: Cell, device: torch.device) -> Workload:
@@ -157,7 +157,7 @@ def _naive(cell: Cell, device: torch.device) -> Workload:
                       cfg.moco.momentum, device)
     x_q, x_k = _images(cell, device, cell.batch), _images(cell, device, cell.batch)
     return Workload(step=lambda: naive(x_q, x_k), modules=[naive.encoder_q, naive.encoder_k],
-                    optimizer=optimizer, inputs=[x_q, x_k, naive.queue], prime=_prime(optimizer))
+                    optimizer=optimizer, inputs=[x_q, x_k, naive.queue], prime=prime_optimizer(optimizer))
 
 
 def _supervised(cell: Cell, device: torch.device) -> Workload:
@@ -181,4 +181,4 @@ def _supervised(cell: Cell, device: torch.device) -> Workload:
         return loss.item()
 
     return Workload(step=step, modules=[model], optimizer=optimizer, inputs=[images, labels],
-                    prime=_prime(optimizer))
+                    prime=prime_optimizer(optimizer))

@@ -61,7 +61,10 @@ def _tracked_step(work, device: torch.device) -> tuple[float, dict]:
     return loss, {k: v / MB for k, v in peak_by_category(tracker, device.type).items()}
 
 
-def _memory(work, device: torch.device, breakdown: bool, rss_start: float) -> dict:
+def step_memory(work, device: torch.device, breakdown: bool = True, rss_start: float | None = None) -> dict:
+    """Peak memory of one full step of a built, primed workload (cells.Workload): on CUDA
+    max_memory_allocated / max_memory_reserved, on a CPU MemTracker's peak by category."""
+    rss_start = rss_mb() if rss_start is None else rss_start
     result: dict = {"device": str(device), "rss_import_mb": rss_start, "rss_base_mb": rss_mb()}
     if device.type == "cuda":
         _sync(device)
@@ -83,9 +86,10 @@ def _memory(work, device: torch.device, breakdown: bool, rss_start: float) -> di
     return result
 
 
-def _timings(cells: list[Cell], works: list, device: torch.device, warmup: int, repeats: int) -> list[dict]:
-    """Steps of all `works` in turn (A B C, A B C, ...), so that a background load on the
-    machine slows every one of them alike and their ratios stay fair."""
+def interleaved_timings(batches: list[int], works: list, device: torch.device, warmup: int = 0,
+                        repeats: int = 3) -> list[dict]:
+    """Steps of all `works` (each of `batches` images) in turn (A B C, A B C, ...), so that a
+    background load on the machine slows every one of them alike and their ratios stay fair."""
     for _ in range(warmup):
         for work in works:
             work.step()
@@ -97,8 +101,8 @@ def _timings(cells: list[Cell], works: list, device: torch.device, warmup: int, 
             work.step()
             _sync(device)
             bucket.append(time.perf_counter() - start)
-    return [dict(step_s=statistics.median(t), step_s_all=t, images_per_s=c.batch / statistics.median(t),
-                 timed_with=len(works)) for c, t in zip(cells, times)]
+    return [dict(step_s=statistics.median(t), step_s_all=t, images_per_s=b / statistics.median(t),
+                 timed_with=len(works)) for b, t in zip(batches, times)]
 
 
 def measure(memory: Cell | None, timed: list[Cell], device: torch.device, warmup: int = 1, repeats: int = 3,
@@ -120,14 +124,14 @@ def measure(memory: Cell | None, timed: list[Cell], device: torch.device, warmup
 
     out: dict = {"memory": None, "time": []}
     if memory is not None:
-        out["memory"] = _memory(workload(memory), device, breakdown, rss_start)
+        out["memory"] = step_memory(workload(memory), device, breakdown, rss_start)
     if timed:
         # The memory step above was the first step of `memory`; the others get theirs here.
         works = [workload(c) for c in timed]
         for cell, work in zip(timed, works):
             if cell != memory:
                 work.step()
-        out["time"] = _timings(timed, works, device, warmup, repeats)
+        out["time"] = interleaved_timings([c.batch for c in timed], works, device, warmup, repeats)
     out["threads"] = torch.get_num_threads()
     return out
 

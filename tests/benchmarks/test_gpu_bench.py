@@ -4,6 +4,7 @@ and its exit status, which must say when a section failed."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +34,8 @@ def test_gpu_command_smoke_writes_every_section(tmp_path):
     md = result.with_suffix(".md").read_text()
     assert "FAILED" not in md and f"kNN top-1 {r['cifar']['knn_top1']}" in md
     assert all(f"| {mb} | {'on' if ckpt else 'off'} |" in md for mb in (4, 8) for ckpt in (False, True))
+    # lightly's step beside ours: its own results files, or a skip naming the extra
+    assert r["peers"].get("skipped") or [Path(f).name[:10] for f in r["peers"]["files"]] == ["peers-cpu-"] * 2
 
 
 @pytest.fixture
@@ -45,6 +48,7 @@ def quick_sections(monkeypatch):
     monkeypatch.setattr(gpu, "cifar_run", lambda s, tarball, work: dict(epochs=1, s_per_epoch=[1.0], knn_top1=[10.0],
                                                                        whole_process_s=1.0))
     monkeypatch.setattr(gpu, "environment", lambda device: dict(device_name="CPU", torch=torch.__version__))
+    monkeypatch.setattr(gpu.peers, "gpu_section", lambda smoke, device, out_dir: dict(skipped="stand-in"))
 
 
 def test_a_failing_section_gives_a_non_zero_exit_and_the_others_still_run(tmp_path, monkeypatch, quick_sections):
