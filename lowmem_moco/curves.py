@@ -96,6 +96,9 @@ def draw_curves(run_dirs: list[str | Path]):
             ax.plot(x, y, label=label, marker="o" if len(x) <= 50 else None, markersize=3)
         ax.set_title(panel.title)
         ax.set_xlabel(panel.x)
+        if not any(series(records, panel)[0] for _, records in runs):  # e.g. fewer steps than train.log_every
+            ax.text(0.5, 0.5, f"no {'/'.join(panel.kinds)} records yet", ha="center", va="center",
+                    transform=ax.transAxes, color="grey")
         ax.grid(alpha=0.3)
         if len(runs) > 1:
             ax.legend(fontsize="small")
