@@ -52,7 +52,48 @@ def build_planned(plan: BackbonePlan) -> nn.Module:
             raise
         raise ConfigError(f"timm could not build {plan.arch} with {plan.timm_kwargs}: {err}; "
                           f"check the values in model.timm_kwargs") from None
-    return make_small_image_stem(model, plan.arch) if plan.rebuild_stem else model
+    model = make_small_image_stem(model, plan.arch) if plan.rebuild_stem else model
+    return apply_vit_options(model, plan)
+
+
+def apply_vit_options(model: nn.Module, plan: BackbonePlan) -> nn.Module:
+    """MoCo v3's ViT changes (vits.py), in place, where the plan holds them (timm_args._vit_options).
+
+    freeze_patch_embed (--stop-grad-conv1): the patch projection keeps its random init; the
+    optimizer leaves it out. pos_embed=sincos: the fixed table of sincos_position_embedding,
+    not trained. Neither changes a tensor's shape: the state dict, checkpoints and exports
+    hold the same keys, and the plan stored with them rebuilds the flags.
+    """
+    if plan.freeze_patch_embed:
+        model.patch_embed.proj.requires_grad_(False)
+    if plan.pos_embed == "sincos":
+        grid_h, grid_w = model.patch_embed.grid_size
+        prefix = 0 if model.no_embed_class else model.num_prefix_tokens  # tokens that carry a position
+        table = sincos_position_embedding(grid_h, grid_w, model.embed_dim, prefix)
+        with torch.no_grad():
+            model.pos_embed.copy_(table.reshape(model.pos_embed.shape))
+        model.pos_embed.requires_grad_(False)
+    return model
+
+
+def sincos_position_embedding(grid_h: int, grid_w: int, dim: int, prefix: int = 1,
+                              temperature: float = 10000.0) -> torch.Tensor:
+    """(1, prefix + h * w, dim) MoCo v3's build_2d_sincos_position_embedding (vits.py): zeros for
+    the class (prefix) tokens, then [sin, cos] of the first coordinate and [sin, cos] of the
+    second, at frequencies temperature ** -(k / (dim / 4)).
+
+    The official table is laid out as meshgrid(w, h) ("ij") flattened, so on timm's row-major
+    tokens the first half encodes the row on square grids (the paper's); kept as it is, so
+    weights move between this table and the official one unchanged.
+    """
+    if dim % 4:
+        raise ConfigError(f"model.pos_embed=sincos needs an embedding width divisible by 4; got {dim}")
+    first, second = torch.meshgrid(torch.arange(grid_w, dtype=torch.float32),
+                                   torch.arange(grid_h, dtype=torch.float32), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    out_first, out_second = torch.outer(first.flatten(), omega), torch.outer(second.flatten(), omega)
+    table = torch.cat([out_first.sin(), out_first.cos(), out_second.sin(), out_second.cos()], dim=1)
+    return torch.cat([torch.zeros(prefix, dim), table])[None]
 
 
 def feature_width(model: nn.Module, image_size: int) -> int:
@@ -185,7 +226,8 @@ def backbone_plan_from_config(cfg) -> BackbonePlan:
     for an unknown arch or a timm kwarg that no architecture takes. A run works it out once
     (before any data work) and hands it on: the Encoder holds it, checkpoints store it."""
     m = cfg.model
-    return plan_backbone(m.arch, cfg.data.image_size, m.small_image_stem, m.timm_kwargs, m.resnet_init)
+    return plan_backbone(m.arch, cfg.data.image_size, m.small_image_stem, m.timm_kwargs, m.resnet_init,
+                         m.freeze_patch_embed, m.pos_embed)
 
 
 def encoder_from_config(cfg, plan: BackbonePlan | None = None) -> Encoder:

@@ -167,7 +167,8 @@ def check_compatible(meta: dict, cfg: Config, plan: BackbonePlan, path: Path) ->
                                   f"use the same {name} to resume, or a new output_dir to start afresh")
     # Other keys can build the same backbone (an old run's timm_kwargs.zero_init_last: false is today's
     # resnet_init: torchvision), and the same keys another one (a ViT sized by data.image_size).
-    old, new = saved_backbone(meta).to_dict()["timm_kwargs"], plan.to_dict()["timm_kwargs"]
+    # The ViT options change no shape, but which weights train: compared with the arguments.
+    old, new = ({**p.to_dict()["timm_kwargs"], **p.vit_options()} for p in (saved_backbone(meta), plan))
     if old != new:
         raise CheckpointError(f"{path} holds a {cfg.model.arch} built with {old} but this config builds it with "
                               f"{new}; resume with the run's data.image_size and model settings, or a new output_dir")

@@ -21,7 +21,8 @@ import yaml
 
 from .errors import ConfigError
 from .schema import (ALIASES, AUGMENT_LISTS, CHOICES, DATA_SOURCES, IMAGENET_MEAN, IMAGENET_STD, OPTIMIZERS,
-                     PRECISIONS, AugmentConfig, Config, DataConfig, EvalConfig, MocoConfig, ModelConfig, TrainConfig)
+                     PRECISIONS, AugmentConfig, Config, DataConfig, EvalConfig, MocoConfig, ModelConfig, PerView,
+                     TrainConfig)
 from .validation import get_key, resolve_precision, validate, validate_augment, validate_for_processes
 
 __all__ = [  # the schema, re-exported, and what this module adds
@@ -65,6 +66,12 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
     base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
     if value is None and optional:
         return None
+    if base == PerView:  # one number (both views) or a list (validation checks it holds two)
+        if isinstance(value, (list, tuple)) and not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{key} must be a number or [view 1, view 2], got {value!r} ({where}); "
+                              f"e.g. {key}=[1.0,0.1]")
+        base = list if isinstance(value, (list, tuple)) else float
     if base is list:
         if not isinstance(value, (list, tuple)) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):

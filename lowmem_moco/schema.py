@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 DATA_SOURCES = ("folder", "cifar10", "imagenette", "imagewoof", "synthetic")
 PRECISIONS = ("no", "fp16", "bf16")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "lars")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -26,6 +26,7 @@ CHOICES = {
     "data.cache": ("auto", "decoded", "encoded", "none"),
     "model.head": ("mlp", "linear"),
     "model.resnet_init": ("timm", "torchvision"),
+    "model.pos_embed": ("learned", "sincos"),
     "moco.momentum_schedule": ("constant", "cosine"),
     "train.optimizer": OPTIMIZERS,
     "train.lr_schedule": ("cosine", "cosine_epoch_start", "cosine_epoch_end"),
@@ -61,26 +62,47 @@ class DataConfig:
         return min(8, os.cpu_count() or 1) if self.num_workers < 0 else self.num_workers
 
 
+# A probability that may differ between the two views: one number (both views) or [view 1, view 2].
+# View 1 is the query's (view number 0), view 2 the key's, as main_moco.py's augmentation1/2.
+PerView = Union[float, list]
+
+
 @dataclass
 class AugmentConfig:
     """The training views' distribution; both view paths (per-image and batched) read it.
 
-    Defaults are MoCo v2's (Chen et al. 2020, official main_moco.py with --aug-plus).
+    Defaults are MoCo v2's (Chen et al. 2020, official main_moco.py with --aug-plus). Each
+    probability (PER_VIEW) may be [view 1, view 2], as MoCo v3's (BYOL's) asymmetric views.
     """
 
     crop_scale: list = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area fraction
     crop_ratio: list = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop aspect ratio
-    jitter_prob: float = 0.8
+    jitter_prob: PerView = 0.8
     jitter: list = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])  # brightness, contrast, saturation, hue
-    grayscale_prob: float = 0.2
-    blur_prob: float = 0.5
+    grayscale_prob: PerView = 0.2
+    blur_prob: PerView = 0.5
     blur_sigma: list = field(default_factory=lambda: [0.1, 2.0])
     # 0: the published blur, a Gaussian kernel reaching 4 sigma each side (data/blur.py: TRUNCATE).
     # N > 0 caps the kernel's half-width at N pixels: faster, no longer the published blur.
     blur_max_radius: int = 0
-    flip_prob: float = 0.5
+    # After the blur, pixels >= 0.5 (128 of 255) become 1 - x: PIL's ImageOps.solarize, MoCo v3's
+    # Solarize. 0 (MoCo v2) leaves the views as they were, with no extra random draw.
+    solarize_prob: PerView = 0.0
+    flip_prob: PerView = 0.5
     mean: list = field(default_factory=lambda: list(IMAGENET_MEAN))  # normalisation, also of eval views
     std: list = field(default_factory=lambda: list(IMAGENET_STD))
+
+    def for_view(self, view: int) -> "AugmentConfig":
+        """This section with each per-view probability resolved for view `view` (0 or 1)."""
+        return dataclasses.replace(self, **{name: per_view(getattr(self, name), view) for name in PER_VIEW})
+
+
+PER_VIEW = ("jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob", "flip_prob")
+
+
+def per_view(value, view: int) -> float:
+    """A PerView value for view `view`: a single number is both views'."""
+    return float(value[view]) if isinstance(value, (list, tuple)) else float(value)
 
 
 # Length of each list-valued augment key, and the range its values must lie in.
@@ -100,6 +122,11 @@ class ModelConfig:
     # Extra timm.create_model arguments, e.g. {zero_init_last: false, drop_path_rate: 0.1,
     # channels: [32, 64, 128, 256]} (a narrower ResNet); see the model's timm constructor.
     timm_kwargs: dict = field(default_factory=dict)
+    # ViTs (timm VisionTransformer with a patch embedding); other families log "not applied".
+    # MoCo v3's --stop-grad-conv1: the patch projection keeps its random init, untrained.
+    freeze_patch_embed: bool = False
+    # learned: timm's | sincos: MoCo v3's fixed 2-D sin-cos table (vits.py), not trained
+    pos_embed: str = "learned"
 
 
 @dataclass
@@ -123,7 +150,9 @@ class TrainConfig:
     # Stop (checkpoint saved, exit 130) before a step that would end past this much time after
     # start, e.g. 11h30m, 170m, 40s: a Colab session's limit. None: no limit.
     time_limit: Optional[str] = None
-    optimizer: str = "sgd"  # sgd (momentum 0.9) | adamw
+    # sgd (momentum 0.9) | adamw (on every parameter, as MoCo v3's ViTs) | lars (MoCo v3's ResNets:
+    # momentum 0.9, trust 0.001; 1-D parameters skip weight decay and the trust ratio)
+    optimizer: str = "sgd"
     lr: float = 0.03
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.0  # linear warm-up before the cosine decay

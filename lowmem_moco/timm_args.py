@@ -47,16 +47,29 @@ class BackbonePlan:
     timm_kwargs: dict  # exactly what timm.create_model gets besides num_classes=0
     rebuild_stem: bool  # a ResNet's small-image stem: apply backbones.make_small_image_stem after create_model
     notes: tuple[str, ...]  # one line per requested setting this architecture does not take
+    # ViT changes after create_model (backbones.apply_vit_options), where the architecture takes them.
+    freeze_patch_embed: bool = False
+    pos_embed: str = "learned"
+
+    def vit_options(self) -> dict:
+        """The ViT options that differ from timm's model: {} for every other backbone, so the plans
+        stored before these options existed read back equal."""
+        return {k: v for k, v in (("freeze_patch_embed", self.freeze_patch_embed), ("pos_embed", self.pos_embed))
+                if v != VIT_DEFAULTS[k]}
 
     def to_dict(self) -> dict:
         """What rebuilds this backbone, as JSON gives it back (lists, not tuples): stored in
         checkpoints and backbone.json, so a saved run is compared and rebuilt without re-planning."""
         return json.loads(json.dumps({"arch": self.arch, "timm_kwargs": self.timm_kwargs,
-                                      "rebuild_small_image_stem": self.rebuild_stem}))
+                                      "rebuild_small_image_stem": self.rebuild_stem, **self.vit_options()}))
 
     @classmethod
     def from_dict(cls, saved: dict) -> "BackbonePlan":
-        return cls(saved["arch"], saved["timm_kwargs"], saved.get("rebuild_small_image_stem", False), ())
+        options = {k: saved.get(k, default) for k, default in VIT_DEFAULTS.items()}
+        return cls(saved["arch"], saved["timm_kwargs"], saved.get("rebuild_small_image_stem", False), (), **options)
+
+
+VIT_DEFAULTS = {"freeze_patch_embed": False, "pos_embed": "learned"}  # timm's own ViT
 
 
 # ------------------------------------------------------------------ what an architecture accepts
@@ -169,8 +182,30 @@ def _small_image_stem(arch: str, model: nn.Module | None, image_size: int) -> tu
                        f"ConvNeXt patchify stems and ViT patch embeddings only")
 
 
+def _vit_options(arch: str, model: nn.Module | None, kwargs: dict, freeze_patch_embed: bool, pos_embed: str
+                 ) -> tuple[dict, list[str]]:
+    """(the ViT options `arch` takes, a note per option it does not): MoCo v3's frozen patch
+    projection and fixed sin-cos position embedding exist for ViTs with a patch embedding."""
+    is_vit = isinstance(model, VisionTransformer) and isinstance(model.patch_embed, PatchEmbed)
+    applied, notes = {}, []
+    for key, value in (("freeze_patch_embed", freeze_patch_embed), ("pos_embed", pos_embed)):
+        if value == VIT_DEFAULTS[key]:
+            continue
+        if is_vit and (key != "pos_embed" or model.pos_embed is not None):
+            applied[key] = value
+        else:
+            notes.append(f"model.{key}={value} is not applied to {arch}: it applies to timm ViTs with a patch "
+                         f"embedding{' and a position embedding' if key == 'pos_embed' else ''} only")
+    width = kwargs.get("embed_dim", getattr(model, "embed_dim", 0))
+    if applied.get("pos_embed") == "sincos" and width % 4:
+        raise ConfigError(f"model.pos_embed=sincos needs an embedding width divisible by 4 (sin and cos of two "
+                          f"axes); {arch} has {width}; use model.pos_embed=learned")
+    return applied, notes
+
+
 def plan_backbone(arch: str, image_size: int, small_image_stem: bool = False, timm_kwargs: dict | None = None,
-                  resnet_init: str = "timm") -> BackbonePlan:
+                  resnet_init: str = "timm", freeze_patch_embed: bool = False,
+                  pos_embed: str = "learned") -> BackbonePlan:
     """The timm.create_model arguments for a run's model section, filtered by what `arch` accepts."""
     check_arch(arch)
     requested = dict(timm_kwargs or {})
@@ -206,4 +241,5 @@ def plan_backbone(arch: str, image_size: int, small_image_stem: bool = False, ti
         stem_kwargs, rebuild_stem, note = _small_image_stem(arch, model, image_size)
         kwargs.update({k: v for k, v in stem_kwargs.items() if k not in requested})  # an explicit kwarg wins
         notes += [note] if note else []
-    return BackbonePlan(arch, kwargs, rebuild_stem, tuple(notes))
+    vit, vit_notes = _vit_options(arch, model, kwargs, freeze_patch_embed, pos_embed)
+    return BackbonePlan(arch, kwargs, rebuild_stem, tuple(notes + vit_notes), **vit)

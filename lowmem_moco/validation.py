@@ -17,7 +17,7 @@ import warnings
 from typing import Any
 
 from .errors import ConfigError
-from .schema import ALIASES, AUGMENT_LISTS, CHOICES, AugmentConfig, Config
+from .schema import ALIASES, AUGMENT_LISTS, CHOICES, PER_VIEW, AugmentConfig, Config
 
 
 def get_key(cfg: Config, key: str) -> Any:
@@ -45,8 +45,15 @@ def validate_augment(a: AugmentConfig) -> None:
         raise ConfigError(f"augment.crop_ratio must be [low, high] with 0 < low <= high; got {a.crop_ratio}")
     if not 0.0 < g_lo <= g_hi:
         raise ConfigError(f"augment.blur_sigma must be [low, high] with 0 < low <= high; got {a.blur_sigma}")
-    for name in ("jitter_prob", "grayscale_prob", "blur_prob", "flip_prob"):
-        _in_range(f"augment.{name}", getattr(a, name), 0.0, 1.0, "a probability in [0, 1]")
+    for name in PER_VIEW:
+        value = getattr(a, name)
+        if isinstance(value, (list, tuple)) and len(value) != 2:
+            raise ConfigError(f"augment.{name} must be one probability (both views) or two, [view 1, view 2]; "
+                              f"got {len(value)} values {value}; e.g. augment.{name}=[{value[0] if value else 0.5}, "
+                              f"{value[-1] if value else 0.5}]")
+        for view, probability in enumerate(value if isinstance(value, (list, tuple)) else [value]):
+            where = f" (view {view + 1})" if isinstance(value, (list, tuple)) else ""
+            _in_range(f"augment.{name}{where}", probability, 0.0, 1.0, "a probability in [0, 1]")
     for name, value in zip(("brightness", "contrast", "saturation"), a.jitter[:3]):
         _in_range(f"augment.jitter ({name})", value, 0.0, float("inf"), ">= 0")
     _in_range("augment.jitter (hue)", a.jitter[3], 0.0, 0.5, "in [0, 0.5]")

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from lowmem_moco.cli import main
-from lowmem_moco.config import ALIASES, CHOICES, ConfigError, config_from_dict, get_key, load_config, save_config
+from lowmem_moco.config import ALIASES, CHOICES, Config, ConfigError, config_from_dict, get_key, load_config, save_config
 from support import RECIPES, missing, raises_naming
 
 
@@ -106,6 +106,11 @@ def test_booleans_written_as_words_and_bad_enumerations_are_named():
     ("augment.jitter=[0.4,0.4,0.4,0.6]", ["(hue)", "[0, 0.5]", "0.6"]),
     ("augment.blur_prob=1.5", ["[0, 1]", "1.5"]),
     ("augment.flip_prob=-0.1", ["[0, 1]", "-0.1"]),
+    ("augment.blur_prob=[1.0,0.1,0.5]", ["[view 1, view 2]", "3 values", "augment.blur_prob=[1.0, 0.5]"]),
+    ("augment.solarize_prob=[0,1.2]", ["(view 2)", "[0, 1]", "1.2"]),
+    ("augment.solarize_prob=[a,0.2]", ["[view 1, view 2]", "'a'"]),
+    ("model.pos_embed=fixed", ["learned, sincos", "fixed"]),
+    ("train.optimizer=lamb", ["sgd, adamw, lars", "lamb"]),
     ("augment.std=[0.2,0,0.2]", ["positive"]),
     ("augment.blur_max_radius=-1", [">= 0", "-1"]),
     ("eval.knn_max_train=-5", [">= 0", "-5"]),
@@ -115,6 +120,13 @@ def test_out_of_range_augmentation_and_eval_settings_get_one_line(override, fact
     with raises_naming(ConfigError, override.split("=")[0], *facts) as err:
         load_config(None, [override])
     assert "\n" not in str(err.value)
+
+
+def test_per_view_probabilities_load_as_lists_and_single_values_stay_numbers():
+    cfg = load_config(None, ["augment.blur_prob=[1.0, 0.1]", "augment.solarize_prob=[0, 0.2]"])
+    assert (cfg.augment.blur_prob, cfg.augment.solarize_prob, cfg.augment.flip_prob) == ([1.0, 0.1], [0.0, 0.2], 0.5)
+    assert [cfg.augment.for_view(v).blur_prob for v in (0, 1)] == [1.0, 0.1]
+    assert cfg.augment.for_view(1).flip_prob == 0.5 and Config().augment.solarize_prob == 0.0
 
 
 def test_config_command_prints_the_resolved_config_and_validates(capsys):

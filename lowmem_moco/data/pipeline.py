@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from .augment.per_image import mocov2_transform
+from .augment.per_image import view_transforms
 from .augment.batched import BatchedMoCoV2
 from .stores.choice import open_image_store
 from ..config import Config
@@ -85,7 +85,7 @@ class PerImagePipeline(Pipeline):
         super().__init__(cfg, device, rank, world)
         if rank == 0:  # one line per run, not per process; the decoded cache says it from its shapes
             warn_small_images(images, cfg.data.image_size)
-        self.views = TwoViews(images, mocov2_transform(cfg.data.image_size, cfg.augment), cfg.data.on_bad_image)
+        self.views = TwoViews(images, view_transforms(cfg.data.image_size, cfg.augment), cfg.data.on_bad_image)
 
     def __len__(self) -> int:
         return len(self.views)
@@ -98,8 +98,8 @@ class PerImagePipeline(Pipeline):
                 CopiedView(view_k, self.device, self.memory_format), int(skipped.sum())
 
     def _views(self, indices: list[int], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        unnormalised = TwoViews(self.views.base, mocov2_transform(self.cfg.data.image_size, self.cfg.augment,
-                                                                  normalize=False), self.cfg.data.on_bad_image)
+        unnormalised = TwoViews(self.views.base, view_transforms(self.cfg.data.image_size, self.cfg.augment,
+                                                                 normalize=False), self.cfg.data.on_bad_image)
         pairs = [unnormalised[(i, s)] for i, s in zip(indices, seeds)]
         return torch.stack([q for q, _, _ in pairs]), torch.stack([k for _, k, _ in pairs])
 

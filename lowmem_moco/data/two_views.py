@@ -1,7 +1,7 @@
 """Model inputs from a labelled image set: two augmented views per image for MoCo
 (`TwoViews`), one deterministic view per image for the probes (`EvalImages`).
 
-    train = TwoViews(splits.train, mocov2_transform(size), cfg.data.on_bad_image)
+    train = TwoViews(splits.train, view_transforms(size, cfg.augment), cfg.data.on_bad_image)
     val = EvalImages(splits.val, size)       # (image, label) for kNN features
 
 An unreadable file is skipped (the next readable image is used, with one "skipped <path>:
@@ -56,10 +56,13 @@ class TwoViews(Dataset):
 
     Indexed by (index, sample_seed): the views depend only on that key, never on the
     worker process or on what it made before, so runs and resumes are reproducible.
+    `transform`: one transform for both views, or (the query's, the key's).
     """
 
-    def __init__(self, base: LabelledImages, transform: Callable, on_bad_image: str = "skip"):
-        self.base, self.transform = base, transform
+    def __init__(self, base: LabelledImages, transform: Callable | tuple[Callable, Callable],
+                 on_bad_image: str = "skip"):
+        self.base = base
+        self.transforms = tuple(transform) if isinstance(transform, (tuple, list)) else (transform, transform)
         self.on_bad_image = _check_policy(on_bad_image)
         self._known_bad: set[int] = set()  # per process: each worker keeps its own copy
 
@@ -74,8 +77,8 @@ class TwoViews(Dataset):
         # A private RNG stream per sample; the caller's torch RNG state is restored afterwards.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(sample_seed) & 0xFFFF_FFFF_FFFF_FFFF)
-            view_q = self.transform(image)
-            view_k = self.transform(image)
+            view_q = self.transforms[0](image)
+            view_k = self.transforms[1](image)  # from the same stream, after the query's draws
         return view_q, view_k, skipped
 
 

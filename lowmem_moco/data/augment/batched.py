@@ -7,9 +7,10 @@
 tensor (N, 3, H, W); `seeds` (N,) int64 are the samples' own seeds (pipeline.sample_seed).
 Every random number of a view is a hash of (seed, view, draw) (sample_rng), so a sample's
 views do not depend on its batch. The distributions are the per-image path's
-(per_image.mocov2_transform), read from the same `augment:` section: RandomResizedCrop
-(torchvision's box distribution in each image's own size, antialiased resize), ColorJitter
-in a per-sample random order, grayscale, Gaussian blur (blur.py), horizontal flip, normalise.
+(per_image.mocov2_transform), read from the same `augment:` section, each view with its own
+probabilities (AugmentConfig.for_view): RandomResizedCrop (torchvision's box distribution in
+each image's own size, antialiased resize), ColorJitter in a per-sample random order,
+grayscale, Gaussian blur (blur.py), solarize, horizontal flip, normalise.
 
 How it stays cheap: each crop is cut and resized on its own (a view of the cached image and
 one antialiased interpolate call; on a CPU the uint8 kernel); then brightness, contrast and
@@ -24,15 +25,17 @@ from dataclasses import dataclass, fields
 import torch
 
 from .blur import gaussian_blur
-from .colour import Buffers, grayscale, jitter, on_subset
+from .colour import Buffers, grayscale, jitter, on_subset, solarize
 from ...config import AugmentConfig
 from .crops import CROP_DRAWS, crop_boxes, resized_crops
 from ..stores.ragged import RaggedImages
 from .sample_rng import uniforms
 
-# Position of each parameter's uniform draw(s) among a view's draws (after the crop's).
-_FLIP, _JITTER, _ORDER, _FACTORS, _GRAY, _BLUR, _SIGMA = (CROP_DRAWS + k for k in (0, 1, 2, 6, 10, 11, 12))
-VIEW_DRAWS = CROP_DRAWS + 13
+# Position of each parameter's uniform draw(s) among a view's draws (after the crop's). Draw j
+# depends on j alone (sample_rng), so solarize's, added last, left every earlier draw as it was.
+_FLIP, _JITTER, _ORDER, _FACTORS, _GRAY, _BLUR, _SIGMA, _SOLARIZE = (CROP_DRAWS + k for k in
+                                                                     (0, 1, 2, 6, 10, 11, 12, 13))
+VIEW_DRAWS = CROP_DRAWS + 14
 
 
 @dataclass
@@ -47,6 +50,7 @@ class ViewParams:
     gray: torch.Tensor  # (V,) bool
     blur: torch.Tensor  # (V,) bool
     sigma: torch.Tensor  # (V,) float32 blur sigma
+    solarize: torch.Tensor  # (V,) bool
 
     def to(self, device) -> "ViewParams":
         return ViewParams(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -72,7 +76,7 @@ class BatchedMoCoV2:
         a = self.aug
         return (f"{type(self).__name__}(size={self.size}, crop scale={a.crop_scale} ratio={a.crop_ratio}, "
                 f"jitter={a.jitter} p={a.jitter_prob}, gray p={a.grayscale_prob}, blur sigma={a.blur_sigma} "
-                f"p={a.blur_prob} max_radius={a.blur_max_radius}, flip p={a.flip_prob})")
+                f"p={a.blur_prob} max_radius={a.blur_max_radius}, solarize p={a.solarize_prob}, flip p={a.flip_prob})")
 
     # ------------------------------------------------------------------ entry points
 
@@ -98,10 +102,10 @@ class BatchedMoCoV2:
         Rows: view views[0] of every image, then views[1], ...; all on the CPU.
         """
         seeds = torch.as_tensor(seeds, dtype=torch.int64).cpu()
-        return ViewParams.cat([self._params(uniforms(seeds, v, VIEW_DRAWS), shapes) for v in views])
+        return ViewParams.cat([self._params(uniforms(seeds, v, VIEW_DRAWS), shapes, v) for v in views])
 
-    def _params(self, u: torch.Tensor, shapes: torch.Tensor) -> ViewParams:
-        a = self.aug
+    def _params(self, u: torch.Tensor, shapes: torch.Tensor, view: int) -> ViewParams:
+        a = self.aug.for_view(view)
 
         def between(column, lo, hi):
             return (u[:, column] * (hi - lo) + lo).float()
@@ -118,6 +122,7 @@ class BatchedMoCoV2:
             gray=u[:, _GRAY] < a.grayscale_prob,
             blur=u[:, _BLUR] < a.blur_prob,
             sigma=between(_SIGMA, *a.blur_sigma),
+            solarize=u[:, _SOLARIZE] < a.solarize_prob,
         )
 
     # ------------------------------------------------------------------ the pass
@@ -150,10 +155,11 @@ class BatchedMoCoV2:
         return out
 
     def _colour(self, x: torch.Tensor, p: ViewParams, work: Buffers) -> torch.Tensor:
-        """Jitter, grayscale and blur, in place, of one chunk of float views in [0, 1]."""
+        """Jitter, grayscale, blur and solarize, in place, of one chunk of float views in [0, 1]."""
         jitter(x, p.jitter, p.order, p.factors, work)
         on_subset(x, p.gray, work, lambda y, i: grayscale(y, out=work.get("gray", (len(i), 1) + y.shape[2:], y)))
         on_subset(x, p.blur, work, lambda y, i: gaussian_blur(y, p.sigma[i], self.aug.blur_max_radius))
+        on_subset(x, p.solarize, work, lambda y, i: solarize(y))
         return x
 
 

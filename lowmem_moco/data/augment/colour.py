@@ -14,6 +14,10 @@ from typing import Callable
 import torch
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+# PIL's ImageOps.solarize inverts uint8 values >= 128, MoCo v3's Solarize. On floats in [0, 1] the
+# threshold is 0.5: i / 255 >= 0.5 exactly when i >= 128, and an unrounded value (after the blur)
+# is inverted exactly when it would round to 128 or more.
+SOLARIZE_THRESHOLD = 0.5
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # torchvision ColorJitter's fn_idx numbering
 
 
@@ -49,6 +53,11 @@ def grayscale(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """(N, 1, H, W) luma of (N, 3, H, W) with torchvision's weights."""
     out = torch.mul(x[:, 0:1], GRAY_WEIGHTS[0], out=out)
     return out.add_(x[:, 1:2], alpha=GRAY_WEIGHTS[1]).add_(x[:, 2:3], alpha=GRAY_WEIGHTS[2])
+
+
+def solarize(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's solarize of float images at SOLARIZE_THRESHOLD: x >= 0.5 becomes 1 - x, in place."""
+    return torch.where(x >= SOLARIZE_THRESHOLD, 1.0 - x, x, out=x)
 
 
 def shift_hue(x: torch.Tensor, shift: torch.Tensor, work: Buffers | None = None) -> torch.Tensor:

@@ -8,11 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import ImageOps
 from torchvision.transforms.v2 import functional as TF
 
 from lowmem_moco.data.augment.batched import BatchedMoCoV2, ViewParams
 from lowmem_moco.data.augment.blur import gaussian_blur
-from lowmem_moco.data.augment.colour import BRIGHTNESS, CONTRAST, HUE, SATURATION, shift_hue
+from lowmem_moco.data.augment.colour import BRIGHTNESS, CONTRAST, HUE, SATURATION, shift_hue, solarize
 from lowmem_moco.config import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
 from lowmem_moco.data.stores.ragged import RaggedImages
 
@@ -42,7 +43,8 @@ def plain_params(n, height, width=None, **overrides):
     params = dict(box=torch.tensor([[0.0, 0.0, height, width]] * n, dtype=torch.float64),
                   flip=torch.zeros(n, dtype=torch.bool), jitter=torch.zeros(n, dtype=torch.bool),
                   order=torch.arange(4).repeat(n, 1), factors=torch.tensor([[1.0, 1.0, 1.0, 0.0]] * n),
-                  gray=torch.zeros(n, dtype=torch.bool), blur=torch.zeros(n, dtype=torch.bool), sigma=torch.ones(n))
+                  gray=torch.zeros(n, dtype=torch.bool), blur=torch.zeros(n, dtype=torch.bool), sigma=torch.ones(n),
+                  solarize=torch.zeros(n, dtype=torch.bool))
     params.update(overrides)
     return ViewParams(**params)
 
@@ -122,7 +124,46 @@ def test_parameters_follow_the_augment_section():
     assert (share - 0.25).abs().max() < 0.02
 
 
+def test_each_view_reads_its_own_probabilities():
+    """blur_prob [1.0, 0.1] and solarize_prob [0, 0.2] (MoCo v3): each view's rates, within 5 standard errors."""
+    n = 40000
+    aug = AugmentConfig(blur_prob=[1.0, 0.1], solarize_prob=[0.0, 0.2], flip_prob=[0.5, 0.9])
+    shapes = torch.tensor([[32, 32]]).expand(n, 2)
+    p = BatchedMoCoV2(32, aug).sample_params(torch.arange(n), shapes, views=(0, 1))
+    for view, rates in ((0, {"blur": 1.0, "solarize": 0.0, "flip": 0.5}), (1, {"blur": 0.1, "solarize": 0.2, "flip": 0.9})):
+        rows = p[view * n:(view + 1) * n]
+        for name, rate in rates.items():
+            found = getattr(rows, name).float().mean().item()
+            assert abs(found - rate) <= 5 * math.sqrt(rate * (1 - rate) / n), (view, name)
+
+
+def test_one_value_per_view_draws_the_views_of_a_single_value():
+    """[p, p] is p: the same views, bit for bit (so v2 recipes' views are unchanged by the per-view keys)."""
+    images, seeds = ragged((30, 40), (40, 30), (24, 24)), torch.tensor([3, 4, 5])
+    single = BatchedMoCoV2(16).two_views(images, seeds)
+    doubled = AugmentConfig(blur_prob=[0.5, 0.5], solarize_prob=[0.0, 0.0], jitter_prob=[0.8, 0.8])
+    for a, b in zip(single, BatchedMoCoV2(16, doubled).two_views(images, seeds)):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------- each operation vs torchvision
+
+
+def test_solarize_is_torchvisions_at_half_and_pils_at_128():
+    """Solarized views equal torchvision's solarize(threshold=0.5) of the float image, and PIL's
+    ImageOps.solarize (threshold 128, the official Solarize) of the uint8 pixels to float rounding
+    (1 - i/255 against (255 - i)/255), inverting exactly the same pixels."""
+    images = colourful(3, 20)
+    ours = run(images, plain_params(3, 20, solarize=torch.ones(3, dtype=torch.bool)))
+    assert torch.equal(ours, TF.solarize(as_float(images), 0.5))
+    for i in range(3):
+        pil = TF.pil_to_tensor(ImageOps.solarize(TF.to_pil_image(images[i])))
+        assert (ours[i] - as_float(pil)).abs().max() <= 1e-7
+        assert torch.equal(ours[i] != as_float(images[i]), pil != images[i])
+    values = torch.tensor([0.4999, 0.5, 0.7]).view(1, 3, 1, 1).expand(1, 3, 2, 2).clone()
+    assert torch.equal(solarize(values)[0, :, 0, 0], torch.tensor([0.4999, 0.5, 1 - 0.7]))
+
+
 
 
 def test_full_crop_is_the_image_and_flip_mirrors_it():

@@ -15,6 +15,7 @@ from benchmarks.commands.views_statistics import (aliasing_energy, batched_boxes
                                                   torchvision_boxes)
 from lowmem_moco.data.augment.per_image import mocov2_transform
 from lowmem_moco.data.augment.batched import BatchedMoCoV2
+from lowmem_moco.config import AugmentConfig
 from lowmem_moco.data.stores.sides import fit_shorter_side, shorter_side
 from lowmem_moco.data.stores.ragged import RaggedImages
 
@@ -115,29 +116,93 @@ def test_aliasing_after_4x_downscale_is_torchvisions(size):
     assert energy["batched"] < 0.1 * energy["before"]
 
 
-def test_per_pixel_mean_and_std_match_the_per_image_path():
-    """Per-pixel mean and std of 500 views of a 100x75 image at 32 px (batched from its cached copy
-    vs torchvision's per-image transform): maps correlate > 0.9 and their RMS gap is within
-    2x what sampling noise alone gives (estimated from two halves of the torchvision draws)."""
+def gradient_image() -> Image.Image:
+    """A 100x75 photo-like image: a colour gradient plus noise (so blur and solarize show)."""
     g = torch.Generator().manual_seed(3)
     x, y = torch.linspace(0, 1, 100), torch.linspace(0, 1, 75)
     base = torch.stack([x[None, :].expand(75, 100), y[:, None].expand(75, 100), (x[None, :] * y[:, None])])
     pixels = (base * 200 + torch.rand(3, 75, 100, generator=g) * 55).round().to(torch.uint8)
-    image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
-    n = 500
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
+
+
+def both_paths(n: int, aug: AugmentConfig | None = None, view: int = 0, normalize: bool = True):
+    """(torchvision's per-image views, the batched path's) of `view` of gradient_image() at 32 px, n each."""
+    aug = aug or AugmentConfig()
+    image = gradient_image()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small per-image ops stall with several threads on busy cores
     try:
-        transform = mocov2_transform(32)
-        torch.manual_seed(0)
+        transform = mocov2_transform(32, aug, normalize, view)
+        torch.manual_seed(view)
         reference = torch.stack([transform(image) for _ in range(n)])
-        cached = RaggedImages.from_arrays([fit_shorter_side(image, shorter_side(32))] * n)
-        ours = BatchedMoCoV2(32)(cached, torch.arange(n))
+        cached = RaggedImages.from_arrays([fit_shorter_side(image, shorter_side(32, aug.crop_scale[0]))] * n)
+        ours = BatchedMoCoV2(32, aug)(cached, torch.arange(n), normalize=normalize, number=view)
     finally:
         torch.set_num_threads(threads)
+    return reference, ours
+
+
+def assert_pixel_maps_match(reference: torch.Tensor, ours: torch.Tensor) -> None:
+    """Per-pixel mean and std maps correlate > 0.9 and their RMS gap is within 2x what sampling
+    noise alone gives (estimated from two halves of the torchvision draws)."""
+    n = len(reference)
     for statistic in (lambda v: v.mean(0), lambda v: v.std(0)):
         expected, found = statistic(reference), statistic(ours)
         noise = (statistic(reference[: n // 2]) - statistic(reference[n // 2:])).pow(2).mean().sqrt() / math.sqrt(2)
         gap = (found - expected).pow(2).mean().sqrt()
         assert gap < 2 * noise * math.sqrt(2)
         assert torch.corrcoef(torch.stack([expected.flatten(), found.flatten()]))[0, 1] > 0.9
+
+
+def test_per_pixel_mean_and_std_match_the_per_image_path():
+    """Per-pixel mean and std of 500 views of a 100x75 image at 32 px (batched from its cached copy
+    vs torchvision's per-image transform)."""
+    assert_pixel_maps_match(*both_paths(500))
+
+
+# MoCo v3's augmentation1 / augmentation2 (main_moco.py), at the ViT recipe's crop_min 0.08.
+V3 = AugmentConfig(crop_scale=[0.08, 1.0], jitter=[0.4, 0.4, 0.2, 0.1], blur_prob=[1.0, 0.1],
+                   solarize_prob=[0.0, 0.2])
+V3_DRAWS = 2000
+
+
+def sharpness(views: torch.Tensor) -> torch.Tensor:
+    """(n,) mean absolute difference of horizontal neighbours: the image's noise, which blur removes."""
+    return (views[..., 1:] - views[..., :-1]).abs().mean(dim=(1, 2, 3))
+
+
+def dark_share(views: torch.Tensor) -> float:
+    """Share of views with no pixel above 0.5: every solarized view, and the crops of dark corners."""
+    return (views.amax(dim=(1, 2, 3)) <= 0.5).double().mean().item()
+
+
+@pytest.fixture(scope="module")
+def v3_views():
+    return {view: both_paths(V3_DRAWS, V3, view, normalize=False) for view in (0, 1)}
+
+
+@pytest.mark.parametrize("view", [0, 1])
+def test_v3_views_per_pixel_maps_match_torchvision(v3_views, view):
+    assert_pixel_maps_match(*v3_views[view])
+
+
+@pytest.mark.parametrize("view", [0, 1])
+def test_v3_blur_rate_per_view_matches_torchvision(v3_views, view):
+    """Sharpness distributions (blur p 1.0 for view 1, 0.1 for view 2): two-sample KS below the
+    0.1% critical value; view 1, always blurred, is never as sharp as view 2's unblurred majority."""
+    reference, ours = v3_views[view]
+    assert ks_distance(sharpness(reference), sharpness(ours)) < 1.95 * math.sqrt(2 / V3_DRAWS)
+    if view == 1:
+        always, rarely = sharpness(v3_views[0][1]), sharpness(ours)
+        assert always.median() < 0.5 * rarely.median()
+
+
+def test_v3_solarize_only_in_view_2_at_torchvisions_rate(v3_views):
+    """Share of views with no pixel above 0.5: the two paths agree within 4 standard errors in each
+    view, and view 2 (solarize p 0.2) has more of them than view 1 (no solarize) by at least 0.1."""
+    shares = {}
+    for view, (reference, ours) in v3_views.items():
+        expected, found = dark_share(reference), dark_share(ours)
+        assert abs(found - expected) <= 4 * math.sqrt(max(expected * (1 - expected), 0.01) * 2 / V3_DRAWS)
+        shares[view] = found
+    assert shares[1] - shares[0] > 0.1
