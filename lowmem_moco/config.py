@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import difflib
 import typing
 from pathlib import Path
@@ -53,6 +54,7 @@ def _suggest(key: str) -> str:
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
@@ -85,6 +87,8 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
         value = _BOOL_WORDS[value.lower()]
     if key in ALIASES and isinstance(value, (str, bool)):
         value = ALIASES[key].get(value.lower() if isinstance(value, str) else value, value)
+    if base is float and isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as text; it is the number everyone means
     if base is str and key not in CHOICES and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)  # YAML reads 2024 or 40 as numbers; a text key takes them as written
     if key in CHOICES and not isinstance(value, str):

@@ -142,3 +142,14 @@ def test_config_command_prints_the_resolved_config_and_validates(capsys):
     assert main(["config", recipe, "model.arch=convnext_atto"]) == 0
     notes = capsys.readouterr().err  # what a ResNet recipe's settings do (not) to another family
     assert "model.resnet_init=torchvision" in notes and "convnext_atto" in notes
+
+
+def test_scientific_notation_without_a_dot_is_a_number_as_users_mean_it(tmp_path):
+    """YAML 1.1 reads 1e-4 as the text '1e-4'; a float key takes it as the number, from an override
+    or a recipe, and text that is no number is still refused."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  weight_decay: 1e-6\n")
+    cfg = load_config(recipe, ["train.lr=1e-4"])
+    assert (cfg.train.lr, cfg.train.weight_decay) == (1e-4, 1e-6)
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(None, ["train.lr=1e-4x"])
