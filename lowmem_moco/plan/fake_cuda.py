@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten
 
 aten = torch.ops.aten
 PACKAGE = Path(__file__).resolve().parents[1]  # lowmem_moco/
-REHEARSAL_FILES = {str(Path(__file__).resolve()), str(PACKAGE / "plan" / "rehearse.py")}
+REHEARSAL_FILES = {str(PACKAGE / "plan" / name) for name in ("fake_cuda.py", "rehearse.py", "one_process.py")}
 
 STAND_INS = {
     "pinned host memory": "a pinned allocation is an ordinary host allocation marked as pinned; pinning changes "

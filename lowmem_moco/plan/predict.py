@@ -29,16 +29,16 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import Config
 from ..errors import ConfigError
 from .fake_cuda import to_fake
+from .one_process import OneProcessAccelerator, gpu_optimizer_defaults
 from .memtrack import CountedAsInputs, peak_by_category, step_tracker
 from ..engine.step import MoCoStep
 from ..optim import build_optimizer
-from ..run_settings import MIXED_DTYPES, view_dtype
+from ..run_settings import view_dtype
 from ..factory import build_model
 
 GiB = 2**30
@@ -82,58 +82,6 @@ class Prediction:
     method: str  # "fake" (planned) or "real-cpu" (measured on real CPU tensors)
     seconds: float = 0.0
     notes: list = field(default_factory=list)
-
-
-class OneProcessAccelerator:
-    """The part of accelerate's Accelerator that MoCoStep and `factory.build_step` use, for one
-    process, with the autocast of the GPU being planned for: accelerate turns fp16 off on a CPU.
-    On device type "cuda" (the rehearsal, plan/rehearse.py) fp16 scales the loss with a
-    GradScaler as Accelerator does; on the planner's CPU loss scaling works on scalars and in
-    place: nothing to plan."""
-
-    num_processes, process_index = 1, 0
-
-    def __init__(self, precision: str, device_type: str = "cpu"):
-        self.dtype, self.device_type = MIXED_DTYPES[precision], device_type
-        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device_type == "cuda" else None
-
-    def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
-
-    def no_sync(self, module):
-        return contextlib.nullcontext()
-
-    def prepare(self, model: nn.Module, optimizer):
-        return model, (optimizer if self.scaler is None else ScaledOptimizer(optimizer, self.scaler))
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-
-
-class ScaledOptimizer:
-    """What accelerate's AcceleratedOptimizer does around a step under fp16, for one process:
-    the GradScaler unscales the gradients, skips the step if any is not finite, and updates
-    its scale. (AcceleratedOptimizer itself needs an initialised Accelerator, which a CPU
-    cannot make for a GPU.)"""
-
-    def __init__(self, optimizer, scaler):
-        self.optimizer, self.scaler = optimizer, scaler
-
-    def __getattr__(self, name):  # param_groups, state, zero_grad, state_dict: the optimizer's
-        return getattr(self.optimizer, name)
-
-    def step(self, closure=None) -> None:
-        self.scaler.step(self.optimizer, closure)
-        self.scaler.update()
-
-
-def gpu_optimizer_defaults(optimizer) -> None:
-    """PyTorch's default implementation on a GPU (foreach: SGD with weight decay then holds a
-    temporary copy of the gradients); fake tensors would otherwise get the per-tensor loop."""
-    for group in optimizer.param_groups:
-        group["foreach"] = True
 
 
 def _zero_images(n: int, size: int, dtype: torch.dtype, memory_format) -> torch.Tensor:

@@ -35,7 +35,8 @@ from ..run_settings import batched_views, view_dtype
 from ..validation import resolve_precision
 from .fake_cuda import STAND_INS, FakeCuda, RehearsalError, site_of
 from .memtrack import CountedAsInputs, peak_by_category, step_tracker
-from .predict import GiB, Gpu, OneProcessAccelerator, gpu, gpu_optimizer_defaults
+from .one_process import OneProcessAccelerator, gpu_optimizer_defaults
+from .predict import GiB, Gpu, gpu
 
 DISTINCT_IMAGES = 8  # the host batch repeats a handful of images: the step sees shapes, not content
 
@@ -98,7 +99,7 @@ def rehearse(cfg: Config, card: Gpu, steps: int = 2) -> Rehearsal:
             step_fn = build_step(cfg, moco, accelerator)
             gpu_optimizer_defaults(step_fn.optimizer)
             generator = torch.Generator().manual_seed(cfg.train.seed + 1)
-            tracker.track_external(moco, step_fn.optimizer)
+            tracker.track_external(moco, getattr(step_fn.optimizer, "optimizer", step_fn.optimizer))  # unwrapped
             with tracker:
                 for number in range(steps):
                     views = [CountedAsInputs(v, tracker) for v in _views(cfg, images, precision, cuda.device, number)]
