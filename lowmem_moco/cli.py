@@ -1,4 +1,4 @@
-"""`lowmem-moco train | eval | export | config | views | plan | plot`, also as `python -m lowmem_moco` and under
+"""`lowmem-moco train | eval | export | config | views | plan | rehearse | plot`, also as `python -m lowmem_moco` and under
 `accelerate launch -m lowmem_moco`. User mistakes print one sentence, not a traceback."""
 
 from __future__ import annotations
@@ -50,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
                                   "auto: this machine's CUDA GPU")
     pl.add_argument("--budget-gb", type=float, help="a memory budget in GiB instead of --gpu")
     pl.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    rh = sub.add_parser("rehearse", help="run a recipe's training steps on fake CUDA tensors as on that GPU: device "
+                                         "and dtype errors, host-device syncs per step, CUDA operators, peak")
+    rh.add_argument("recipe")
+    rh.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.micro_batch_size=64")
+    rh.add_argument("--gpu", required=True, help="t4, l4, a100-40, a100-80 or h100: its compute capability decides "
+                                                 "the precision, as in training")
+    rh.add_argument("--steps", type=int, default=2, help="optimizer steps (the second sees optimizer state and a "
+                                                         "filled queue)")
+    rh.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     cv = sub.add_parser("plot", help="draw runs' training curves (loss, lr, kNN, img/s, memory) from metrics.jsonl")
     cv.add_argument("runs", nargs="+", metavar="RUN", help="output_dirs of training runs; several share the axes")
     cv.add_argument("--out", default="curves.png", help="the picture to write")
@@ -103,6 +112,12 @@ def _plan(args) -> None:
     plan_main(args.recipe, args.overrides, args.gpu, args.budget_gb, args.json)
 
 
+def _rehearse(args) -> int:
+    from .plan.rehearse import main as rehearse_main
+
+    return rehearse_main(args.recipe, args.overrides, args.gpu, args.steps, args.json)
+
+
 def _plot(args) -> None:
     from .curves import save_curves
 
@@ -116,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = lambda message, category, *a, **k: err.print(f"[yellow]warning:[/] {escape(str(message))}")
     try:
         code = {"train": _train, "eval": _eval, "export": _export, "config": _config, "views": _views,
-                "plan": _plan, "plot": _plot}[args.command](args)
+                "plan": _plan, "rehearse": _rehearse, "plot": _plot}[args.command](args)
     except UserError as e:
         if args.debug:
             raise

@@ -34,7 +34,7 @@ def encode_keys(encoder_k: nn.Module, images: View, num_chunks: int,
     perm = torch.randperm(len(images), generator=generator)  # n, on the CPU
     keys = _encode_in_chunks(encoder_k, images, perm.chunk(num_chunks))  # nxC, shuffled order
     unshuffled = torch.empty_like(keys)  # nxC
-    unshuffled[perm.to(keys.device)] = keys  # back to the order of `images`
+    unshuffled[perm.to(keys.device, non_blocking=True)] = keys  # back to the order of `images`
     return unshuffled
 
 

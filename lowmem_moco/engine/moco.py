@@ -59,10 +59,10 @@ class MoCo(nn.Module):
     def enqueue(self, keys: torch.Tensor) -> None:
         """FIFO insert of NxC normalised keys, wrapping around the end for any K and N <= K."""
         n, size = keys.shape[0], self.queue.shape[0]
-        ptr = int(self.queue_ptr)
-        slots = (ptr + torch.arange(n, device=self.queue.device)) % size  # N rows of the KxC queue
+        # The pointer stays on the queue's device: reading it on the host would wait for the GPU.
+        slots = (self.queue_ptr + torch.arange(n, device=self.queue.device)) % size  # N rows of the KxC queue
         self.queue[slots] = keys.to(self.queue.dtype)
-        self.queue_ptr.fill_((ptr + n) % size)
+        self.queue_ptr.add_(n).remainder_(size)
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:

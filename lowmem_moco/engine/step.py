@@ -27,6 +27,7 @@ K = moco.queue_size, world = number of processes (n x world = B).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -99,8 +100,9 @@ class MoCoStep:
         merge_bn_stats(bn_before, acc)
         if world > 1:  # every process takes the same decision to step or skip
             total = acc.reduce(total, reduction="mean")
+        # One read of the loss serves the log and the finite check: each read waits for the GPU.
         loss_value = float("nan") if self.planning else float(total)
-        if not self.planning and not torch.isfinite(total):
+        if not self.planning and not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(loss_value, skipped=True)
         self.optimizer.step()

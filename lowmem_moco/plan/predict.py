@@ -29,15 +29,16 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import Config
 from ..errors import ConfigError
+from .fake_cuda import to_fake
+from .one_process import OneProcessAccelerator, gpu_optimizer_defaults
 from .memtrack import CountedAsInputs, peak_by_category, step_tracker
 from ..engine.step import MoCoStep
 from ..optim import build_optimizer
-from ..run_settings import MIXED_DTYPES, view_dtype
+from ..run_settings import view_dtype
 from ..factory import build_model
 
 GiB = 2**30
@@ -83,41 +84,6 @@ class Prediction:
     notes: list = field(default_factory=list)
 
 
-class _PlanningAccelerator:
-    """The part of accelerate's Accelerator that MoCoStep uses, for one process, with the
-    autocast of the GPU being planned for: accelerate turns fp16 off on a CPU."""
-
-    num_processes, process_index = 1, 0
-
-    def __init__(self, precision: str):
-        self.dtype = MIXED_DTYPES[precision]
-
-    def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cpu", dtype=self.dtype)
-
-    def no_sync(self, module):
-        return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        # fp16 loss scaling multiplies a scalar and unscales gradients in place: no memory to plan.
-        loss.backward()
-
-
-def _to_fake(module: nn.Module, mode: FakeTensorMode) -> None:
-    """Swap parameters and buffers for fake tensors of the same shape, dtype and layout.
-    0-dim buffers (the queue pointer, BatchNorm's batch counters) stay real: the step reads
-    their values, and they hold a few bytes."""
-    for m in module.modules():
-        for name, p in m._parameters.items():
-            if p is not None:
-                m._parameters[name] = mode.from_tensor(p)
-        for name, b in m._buffers.items():
-            if b is not None and b.dim() > 0:
-                m._buffers[name] = mode.from_tensor(b)
-
-
 def _zero_images(n: int, size: int, dtype: torch.dtype, memory_format) -> torch.Tensor:
     return torch.zeros(n, 3, size, size, dtype=dtype).contiguous(memory_format=memory_format)  # nx3xSxS
 
@@ -152,10 +118,9 @@ class PlannedStep:
         self.moco = build_model(model_cfg, torch.device("cpu"))  # the trainer's own model
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         if fake:
-            _to_fake(self.moco, self.mode)
+            to_fake(self.moco, self.mode)
         self.optimizer = build_optimizer(self.moco.encoder_q.parameters(), cfg)
-        for group in self.optimizer.param_groups:
-            group["foreach"] = True  # PyTorch's default on a GPU (a whole-model temporary in SGD)
+        gpu_optimizer_defaults(self.optimizer)
         with self._mode():
             self._prime_optimizer()
 
@@ -187,7 +152,7 @@ class PlannedStep:
         if micro_batch < 2 or batch % micro_batch:
             raise ConfigError(f"train.micro_batch_size={micro_batch} does not divide train.batch_size={batch} "
                               f"into micro-batches of at least 2; use a divisor of {batch}")
-        step = MoCoStep(self.moco, self.optimizer, _PlanningAccelerator(self.precision), micro_batch=micro_batch,
+        step = MoCoStep(self.moco, self.optimizer, OneProcessAccelerator(self.precision), micro_batch=micro_batch,
                         key_chunks=cfg.moco.key_chunks, temperature=cfg.moco.temperature,
                         symmetric=cfg.moco.symmetric, guard_bn_stats=self.checkpointing, planning=self.fake)
         size, dtype = cfg.data.image_size, view_dtype(cfg, self.precision, "cuda")

@@ -53,7 +53,7 @@ class ViewParams:
     solarize: torch.Tensor  # (V,) bool
 
     def to(self, device) -> "ViewParams":
-        return ViewParams(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return ViewParams(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
 
     def __getitem__(self, rows) -> "ViewParams":
         return ViewParams(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
@@ -135,13 +135,15 @@ class BatchedMoCoV2:
         if n == 0 or views % n:
             raise ValueError(f"{views} sets of view parameters for {n} images")
         crops = resized_crops(images, [k % n for k in range(views)], p.box, p.flip, size)  # (V, 3, S, S)
-        p = p.to(device)
+        # p stays on the host: which views get hue, grayscale or blur is decided there, and each
+        # colour operation copies the parameters it needs without waiting (colour.py, blur.py).
         # Contiguous (NCHW): the pipeline lays views out as the model wants (channels_last or not),
         # and writing channels_last here would transpose every chunk on a CPU.
         out = torch.empty(views, 3, size, size, dtype=dtype, device=device)
         mean, std = (self.aug.mean, self.aug.std) if normalize else ((0.0,) * 3, (1.0,) * 3)
-        scale = 1.0 / torch.tensor(std, device=device).view(1, 3, 1, 1)
-        shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) * scale
+        scale = (1.0 / torch.tensor(std)).view(1, 3, 1, 1)
+        shift = (-torch.tensor(mean) * scale.flatten()).view(1, 3, 1, 1).to(device, non_blocking=True)
+        scale = scale.to(device, non_blocking=True)
         # A CPU runs the many elementwise passes several times faster on chunks that stay in
         # cache; a GPU prefers large launches, in chunks that cap the scratch memory.
         limit = self.cpu_chunk_elements if device.type == "cpu" else self.gpu_chunk_elements
@@ -155,7 +157,7 @@ class BatchedMoCoV2:
         return out
 
     def _colour(self, x: torch.Tensor, p: ViewParams, work: Buffers) -> torch.Tensor:
-        """Jitter, grayscale, blur and solarize, in place, of one chunk of float views in [0, 1]."""
+        """Jitter, grayscale, blur and solarize, in place, of one chunk of float views in [0, 1]; p on the host."""
         jitter(x, p.jitter, p.order, p.factors, work)
         on_subset(x, p.gray, work, lambda y, i: grayscale(y, out=work.get("gray", (len(i), 1) + y.shape[2:], y)))
         on_subset(x, p.blur, work, lambda y, i: gaussian_blur(y, p.sigma[i], self.aug.blur_max_radius))

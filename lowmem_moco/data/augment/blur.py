@@ -58,13 +58,16 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_radius: int = 0) -> 
     groups of equal half-width, so a small sigma does not pay for the batch's largest.
     """
     height, width = x.shape[-2:]
-    sigma = sigma.to(device=x.device, dtype=x.dtype)
+    # The groups are formed on the host (sigma comes from there): their sizes decide shapes, and
+    # reading them from a GPU would make the host wait. Taps and rows are copied without waiting.
+    sigma = sigma.cpu().to(x.dtype)
     radius = blur_radius(sigma, max_radius).clamp_(max=min(height, width) - 1)
     out = torch.empty_like(x)
     for half in radius.unique().tolist():
-        group = torch.nonzero(radius == half).squeeze(1)  # (G,) images with this half-width
+        chosen = torch.nonzero(radius == half).squeeze(1)  # (G,) images with this half-width
+        group = chosen.to(x.device, non_blocking=True)
         images = x.index_select(0, group)  # (G, C, H, W)
-        taps = gaussian_taps(sigma[group], radius[group], half)  # (G, half + 1)
+        taps = gaussian_taps(sigma[chosen], radius[chosen], half).to(x.device, non_blocking=True)  # (G, half + 1)
         pair = torch.empty_like(images)
         out.index_copy_(0, group, _blur_axis(_blur_axis(images, taps, 3, pair), taps, 2, pair))
     return out

@@ -37,16 +37,20 @@ class Buffers:
 
 def on_subset(x: torch.Tensor, mask: torch.Tensor, work: Buffers,
               fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-    """x[mask] = fn(x[mask], indices), in place; fn may return a tensor broadcastable to the subset."""
-    index = torch.nonzero(mask).squeeze(1)
+    """x[mask] = fn(x[mask], indices), in place; fn may return a tensor broadcastable to the subset.
+
+    `mask` and the indices fn gets are on the host: the subset's size decides shapes, and
+    reading it from a GPU would make the host wait for the GPU."""
+    index = torch.nonzero(mask.cpu()).squeeze(1)
     k = index.numel()
     if k == 0:
         return
     if k == x.shape[0]:
         x.copy_(fn(x, index).expand_as(x))
         return
-    subset = torch.index_select(x, 0, index, out=work.get("subset", (k,) + x.shape[1:], x))
-    x.index_copy_(0, index, fn(subset, index).expand_as(subset))
+    rows = index.to(x.device, non_blocking=True)
+    subset = torch.index_select(x, 0, rows, out=work.get("subset", (k,) + x.shape[1:], x))
+    x.index_copy_(0, rows, fn(subset, index).expand_as(subset))
 
 
 def grayscale(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,6 +72,7 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor, work: Buffers | None = None)
     more than the arithmetic. It agrees with torchvision's to float rounding (~1e-6).
     """
     work = work or Buffers()
+    shift = shift.to(x.device, non_blocking=True)
     plane = (x.shape[0],) + x.shape[2:]
     r, g, b = x.unbind(dim=1)
     value = torch.maximum(torch.maximum(r, g, out=work.get("value", plane, x)), b, out=work.get("value", plane, x))
@@ -88,7 +93,7 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor, work: Buffers | None = None)
     # HSV -> RGB: channel = min + C * clamp(d - 1, 0, 1), d the circular distance (in sixths) from
     # the hue to the channel's opposite (cyan 3, magenta 5, yellow 1 for R, G, B). With
     # s = 3 - d = |(|hue - opposite|) - 3|, that is (min + 2C) - C * clamp(s, 1, 2).
-    t = torch.sub(hue6[:, None], _OPPOSITE.to(x.device), out=work.get("ramp", x.shape, x))
+    t = torch.sub(hue6[:, None], _OPPOSITE.to(x.device, non_blocking=True), out=work.get("ramp", x.shape, x))
     t.abs_().sub_(3.0).abs_().clamp_(1.0, 2.0)
     return torch.addcmul(low.add_(chroma, alpha=2.0)[:, None], chroma[:, None], t, value=-1.0, out=x)
 
@@ -100,6 +105,8 @@ def jitter(x: torch.Tensor, jittered: torch.Tensor, order: torch.Tensor, factors
            work: Buffers) -> torch.Tensor:
     """ColorJitter in place on (N, 3, H, W): each image whose `jittered` (N,) is set runs
     brightness, contrast, saturation and hue with its factors (N, 4) in its own order (N, 4)."""
+    # jittered, order and factors are on the host: each slot's per-image weights are worked out
+    # there and copied without waiting, and the hue subset is chosen there (on_subset).
     brightness, contrast, saturation, hue = factors.unbind(dim=1)
     ones, zeros = torch.ones_like(brightness), torch.zeros_like(brightness)
     gray = work.get("gray", (x.shape[0], 1) + x.shape[2:], x)
@@ -108,11 +115,13 @@ def jitter(x: torch.Tensor, jittered: torch.Tensor, order: torch.Tensor, factors
         # Brightness, contrast and saturation are all clamp(a*x + g*gray(x) + d, 0, 1):
         # brightness a=b; contrast a=c, d=(1-c)*mean(gray); saturation a=s, g=1-s.
         # Any other image gets a=1, g=d=0, which leaves it exactly as it is.
-        grayscale(x, out=gray)
         a = torch.where(op == BRIGHTNESS, brightness,
                         torch.where(op == CONTRAST, contrast, torch.where(op == SATURATION, saturation, ones)))
         g = torch.where(op == SATURATION, 1.0 - saturation, zeros)
-        d = torch.where(op == CONTRAST, (1.0 - contrast) * gray.mean(dim=(1, 2, 3)), zeros)
+        contrast_weight = torch.where(op == CONTRAST, 1.0 - contrast, zeros)
+        a, g, contrast_weight = (v.to(x.device, non_blocking=True) for v in (a, g, contrast_weight))
+        grayscale(x, out=gray)
+        d = contrast_weight * gray.mean(dim=(1, 2, 3))
         gray.mul_(g[:, None, None, None]).add_(d[:, None, None, None])
         x.mul_(a[:, None, None, None]).add_(gray).clamp_(0.0, 1.0)
         # Hue is not affine: rotate only the images whose order puts it in this slot.

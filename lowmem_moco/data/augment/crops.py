@@ -60,6 +60,7 @@ def resized_crops(images: RaggedImages, source: list[int], boxes: torch.Tensor, 
             crop = crop.float()
         resized.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False))
     out = torch.cat(resized)  # (V, 3, S, S)
-    mirrored = torch.nonzero(flips.to(out.device)).squeeze(1)
+    # Chosen on the host (flips stay there): a nonzero on the GPU would make the host wait for it.
+    mirrored = torch.nonzero(flips.cpu()).squeeze(1).to(out.device, non_blocking=True)
     out[mirrored] = out[mirrored].flip(-1)
     return out
