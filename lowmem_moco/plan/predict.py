@@ -4,7 +4,8 @@
     prediction = step.predict(micro_batch=128)  # Prediction(peak_bytes=..., by_category={...})
 
 The step is the trainer's own: the model from `factory.build_model`, the optimizer
-from `build_optimizer`, `MoCoStep` with its micro-batches and key chunks, and input views made
+from `build_optimizer`, the step `factory.make_step` picks (v2's MoCoStep, v3's GradCacheStep)
+with its micro-batches and key chunks, and input views made
 per key chunk and micro-batch as the pipeline's lazy views are. The model is built for real on
 the CPU (timm's constructors read values), then its parameters, buffers and optimizer state
 are swapped for fake tensors (torch's FakeTensorMode): every operator runs on shapes only,
@@ -35,10 +36,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from ..config import Config
 from ..errors import ConfigError
 from .memtrack import CountedAsInputs, peak_by_category, step_tracker
-from ..engine.step import MoCoStep
 from ..optim import build_optimizer
 from ..run_settings import MIXED_DTYPES, view_dtype
-from ..factory import build_model
+from ..factory import build_model, make_step
 
 GiB = 2**30
 
@@ -84,7 +84,7 @@ class Prediction:
 
 
 class _PlanningAccelerator:
-    """The part of accelerate's Accelerator that MoCoStep uses, for one process, with the
+    """The part of accelerate's Accelerator that the steps use, for one process, with the
     autocast of the GPU being planned for: accelerate turns fp16 off on a CPU."""
 
     num_processes, process_index = 1, 0
@@ -153,7 +153,7 @@ class PlannedStep:
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         if fake:
             _to_fake(self.moco, self.mode)
-        self.optimizer = build_optimizer(self.moco.encoder_q.parameters(), cfg)
+        self.optimizer = build_optimizer(self.moco.trained_parameters(), cfg)
         for group in self.optimizer.param_groups:
             group["foreach"] = True  # PyTorch's default on a GPU (a whole-model temporary in SGD)
         with self._mode():
@@ -187,9 +187,8 @@ class PlannedStep:
         if micro_batch < 2 or batch % micro_batch:
             raise ConfigError(f"train.micro_batch_size={micro_batch} does not divide train.batch_size={batch} "
                               f"into micro-batches of at least 2; use a divisor of {batch}")
-        step = MoCoStep(self.moco, self.optimizer, _PlanningAccelerator(self.precision), micro_batch=micro_batch,
-                        key_chunks=cfg.moco.key_chunks, temperature=cfg.moco.temperature,
-                        symmetric=cfg.moco.symmetric, guard_bn_stats=self.checkpointing, planning=self.fake)
+        step = make_step(cfg, self.moco, self.optimizer, _PlanningAccelerator(self.precision), micro_batch,
+                         guard_bn_stats=self.checkpointing, planning=self.fake)
         size, dtype = cfg.data.image_size, view_dtype(cfg, self.precision, "cuda")
         tracker = step_tracker(lean=lean)
         with self._mode():
