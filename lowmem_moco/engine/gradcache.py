@@ -34,7 +34,9 @@ every gradient carries the scale once and the optimizer step unscales them all.
 
 Memory: the backbone's autograd graph exists for one micro-batch at a time (step 5); the
 whole batch costs its outputs, their gradients and the heads' activations (Bx4096 per layer).
-Time: one more backbone forward over both views than the whole-batch step.
+Time: one more backbone forward over both views than the whole-batch step. Lazy views
+(views.py) are made three times per step (key chunks, both passes); each sample's view is a
+function of its own seed, so every pass sees the same images.
 
 One process only (validation.validate_for_processes). Shapes: B = effective batch, m =
 micro_batch, d = the backbone's width, C = model.dim.
