@@ -17,6 +17,7 @@ import torch
 import torch.utils.checkpoint
 from timm.models import checkpoint_seq
 from timm.models.resnet import ResNet
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .errors import ConfigError
@@ -194,6 +195,38 @@ def build_head(kind: str, in_dim: int, out_dim: int, hidden_dim: int | None = No
     raise ConfigError(f"model.head must be one of mlp, linear; got {kind!r}")
 
 
+V3_HIDDEN_DIM = 4096  # MoCo v3's mlp_dim: model.head_hidden_dim when unset under moco.version=v3
+
+
+def v3_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool) -> nn.Sequential:
+    """MoCo v3's MLP (builder.py `_build_mlp`): Linear without bias, then BatchNorm1d and ReLU
+    between layers; last_bn adds a BatchNorm1d without affine after the last Linear (projector: yes,
+    predictor: no)."""
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        last = i == num_layers - 1
+        width = out_dim if last else hidden_dim
+        layers.append(nn.Linear(in_dim if i == 0 else hidden_dim, width, bias=False))
+        if not last:
+            layers += [nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(width, affine=False))
+    return nn.Sequential(*layers)
+
+
+def v3_projector(backbone: nn.Module, width: int, dim: int, hidden_dim: int | None) -> nn.Sequential:
+    """MoCo v3's projector: 3 layers after a ViT (timm's VisionTransformer and its subclasses),
+    2 after anything else (the official ResNet's)."""
+    layers = 3 if isinstance(backbone, VisionTransformer) else 2
+    return v3_mlp(layers, width, hidden_dim or V3_HIDDEN_DIM, dim, last_bn=True)
+
+
+def predictor_from_config(cfg) -> nn.Module | None:
+    """MoCo v3's predictor on the query side (2 layers, no last BatchNorm); None under v2."""
+    m = cfg.model
+    return v3_mlp(2, m.dim, m.head_hidden_dim or V3_HIDDEN_DIM, m.dim, last_bn=False) if cfg.moco.version == "v3" else None
+
+
 class Encoder(nn.Module):
     """Backbone followed by the projection head; the output is not yet normalised. `plan` is how
     the backbone was built: checkpoints and exports store it, resumes compare against it."""
@@ -231,8 +264,12 @@ def backbone_plan_from_config(cfg) -> BackbonePlan:
 
 
 def encoder_from_config(cfg, plan: BackbonePlan | None = None) -> Encoder:
-    """The query encoder a run's config describes; `plan`: the backbone's, when already worked
-    out (the run's own, or the one a checkpoint stored)."""
+    """The query encoder a run's config describes (under moco.version=v3 its head is MoCo v3's
+    projector); `plan`: the backbone's, when already worked out (the run's own, or the one a
+    checkpoint stored)."""
     m = cfg.model
     plan = plan or backbone_plan_from_config(cfg)
-    return encoder_from_plan(plan, cfg.data.image_size, m.dim, m.head, m.head_hidden_dim)
+    if cfg.moco.version == "v2":
+        return encoder_from_plan(plan, cfg.data.image_size, m.dim, m.head, m.head_hidden_dim)
+    backbone, width = backbone_from_plan(plan, cfg.data.image_size)
+    return Encoder(backbone, v3_projector(backbone, width, m.dim, m.head_hidden_dim), plan)

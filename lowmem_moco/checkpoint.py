@@ -157,8 +157,8 @@ def check_compatible(meta: dict, cfg: Config, plan: BackbonePlan, path: Path) ->
     resumed run replaces.
     """
     saved = config_from_dict(meta["config"])
-    fields = ["model.arch", "model.small_image_stem", "model.dim", "model.head", "model.head_hidden_dim",
-              "moco.queue_size"]
+    fields = ["moco.version", "model.arch", "model.small_image_stem", "model.dim", "model.head",
+              "model.head_hidden_dim", "moco.queue_size"]
     for name in fields:
         section, key = name.split(".")
         old, new = getattr(getattr(saved, section), key), getattr(getattr(cfg, section), key)

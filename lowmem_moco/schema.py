@@ -28,6 +28,8 @@ CHOICES = {
     "model.resnet_init": ("timm", "torchvision"),
     "model.pos_embed": ("learned", "sincos"),
     "moco.momentum_schedule": ("constant", "cosine"),
+    "moco.version": ("v2", "v3"),
+    "moco.loss": ("infonce", "dcl"),
     "train.optimizer": OPTIMIZERS,
     "train.lr_schedule": ("cosine", "cosine_epoch_start", "cosine_epoch_end"),
     "train.precision": PRECISIONS,
@@ -131,7 +133,12 @@ class ModelConfig:
 
 @dataclass
 class MocoConfig:
-    queue_size: int = 65536  # K negatives
+    # v2: queue of negatives, MoCo v2's head | v3: no queue, in-batch negatives, MoCo v3's projector
+    # and predictor (model.head_hidden_dim default 4096; v3 recipes set model.dim=256), the
+    # representation-gradient cache step (engine/gradcache.py)
+    version: str = "v2"
+    loss: str = "infonce"  # infonce | dcl: decoupled contrastive loss, the positive left out of the denominator
+    queue_size: int = 65536  # K negatives (v2 only)
     momentum: float = 0.999  # key-encoder EMA coefficient m
     momentum_schedule: str = "constant"  # constant | cosine (m rises to 1 over training)
     temperature: float = 0.2  # T of InfoNCE

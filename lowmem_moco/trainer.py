@@ -286,7 +286,7 @@ class Trainer:
             resumed += (f" written by {self.resumed_processes} processes, now {self.acc.num_processes}: the "
                         f"effective batch {c.train.batch_size} is unchanged (moco.key_chunks is per process)")
         per_process = c.accum_steps // self.acc.num_processes
-        return (f"MoCo v2 {c.model.arch} ({params:.1f}M params) on {self.device}, precision {self.acc.mixed_precision}"
+        return (f"MoCo {c.moco.version} {c.model.arch} ({params:.1f}M params) on {self.device}, precision {self.acc.mixed_precision}"
                 f"{', backbones compiled (train.compile)' if c.train.compile else ''}"
                 f" | batch {c.train.batch_size} = {c.micro_batch} x {per_process} micro-batches"
                 f" x {self.acc.num_processes} processes"
@@ -294,6 +294,6 @@ class Trainer:
                 f", {c.moco.key_chunks} key chunks"
                 f"{' per process' if self.acc.num_processes > 1 else ''}"
                 f"{', shuffled across processes' if self.acc.num_processes > 1 and c.moco.shuffle_across_processes else ''}"
-                f", K {c.moco.queue_size}"
+                f"{f', K {c.moco.queue_size}' if c.moco.version == 'v2' else ', in-batch negatives'}"
                 f" | {len(self.data.train)} images, {self.steps_per_epoch} steps/epoch, {c.train.epochs} epochs"
                 f" | output {self.out}{resumed}")

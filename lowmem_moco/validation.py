@@ -17,7 +17,7 @@ import warnings
 from typing import Any
 
 from .errors import ConfigError
-from .schema import ALIASES, AUGMENT_LISTS, CHOICES, PER_VIEW, AugmentConfig, Config
+from .schema import ALIASES, AUGMENT_LISTS, CHOICES, PER_VIEW, AugmentConfig, Config, MocoConfig
 
 
 def get_key(cfg: Config, key: str) -> Any:
@@ -111,8 +111,9 @@ def validate(cfg: Config) -> None:
     if batch % mo.key_chunks or batch // mo.key_chunks < 2:
         raise ConfigError(f"moco.key_chunks ({mo.key_chunks}) must split train.batch_size ({batch}) into equal "
                           f"chunks of at least 2 keys; e.g. moco.key_chunks={max(1, batch // max(micro, 2))}")
-    keys_per_step = batch * (2 if mo.symmetric else 1)
-    if mo.queue_size < keys_per_step:
+    if mo.version == "v3":
+        validate_v3(cfg)
+    elif mo.queue_size < (keys_per_step := batch * (2 if mo.symmetric else 1)):
         raise ConfigError(f"moco.queue_size ({mo.queue_size}) is smaller than the {keys_per_step} keys enqueued "
                           f"per step; raise it to at least {keys_per_step}")
     if t.max_steps is not None and t.max_steps <= 0:
@@ -120,6 +121,19 @@ def validate(cfg: Config) -> None:
     time_limit_seconds(t.time_limit)
     if t.checkpoint_every < 0 or cfg.eval.knn_every < 0:
         raise ConfigError("train.checkpoint_every and eval.knn_every must be >= 0 (0 turns them off)")
+
+
+def validate_v3(cfg: Config) -> None:
+    """moco.version=v3: the keys that only v2 reads, refused where a value would be misread."""
+    if cfg.model.head != "mlp":
+        raise ConfigError(f"model.head={cfg.model.head} is MoCo v2's choice; moco.version=v3 always builds MoCo v3's "
+                          f"projector and predictor: remove model.head (or set moco.version=v2)")
+    if cfg.moco.symmetric:
+        raise ConfigError("moco.symmetric is MoCo v2's option; moco.version=v3's loss is always symmetric: "
+                          "remove moco.symmetric (or set it to false)")
+    if cfg.moco.queue_size != MocoConfig.queue_size:
+        warnings.warn(f"moco.queue_size={cfg.moco.queue_size} is unused: moco.version=v3 has no queue "
+                      f"(its negatives are the batch's keys)", stacklevel=3)
 
 
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
@@ -145,6 +159,10 @@ def validate_for_processes(cfg: Config, world: int, micro: int | None = None) ->
     `micro`: the micro-batch the run trains with (what train.micro_batch_size=auto became)."""
     batch, chunks = cfg.train.batch_size, cfg.moco.key_chunks
     micro = micro or cfg.micro_batch
+    if cfg.moco.version == "v3" and world > 1:
+        raise ConfigError(f"moco.version=v3 runs on one process (its gradient cache makes any batch fit one "
+                          f"device); this run has {world}: launch it without accelerate's multi-process "
+                          f"launcher, or set moco.version=v2")
     if batch % (world * micro):
         raise ConfigError(f"train.batch_size ({batch}) must split into {world} processes x "
                           f"micro-batches of {micro}; change train.micro_batch_size")

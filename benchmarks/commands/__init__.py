@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "views-statistics": ("views_statistics", ()),
     "quality": ("quality", ()),
     "peers": ("peers", ()),
+    "gradcache": ("gradcache", ()),
     "pipeline": ("inputs", ("pipeline",)),
     "caches": ("inputs", ("caches",)),
     "input-memory": ("inputs", ("memory",)),

@@ -38,6 +38,7 @@ class Cell:
     queue_size: int = 4096
     small_image_stem: bool = False
     compile: bool = False  # lowmem only: train.compile (torch.compile on both backbones)
+    version: str = "v2"  # lowmem only: moco.version (v3: the gradient-cache step, the official dim 256)
     timed: bool = True  # False: memory only (saves time on a CPU)
 
     def __post_init__(self):
@@ -62,6 +63,8 @@ class Cell:
             parts.append("NHWC")
         if self.compile:
             parts.append("compiled")
+        if self.version != "v2":
+            parts.append(f"MoCo {self.version}")
         return " ".join(parts)
 
     @property
@@ -125,6 +128,9 @@ def cell_config(cell: Cell) -> Config:
     cfg.train.micro_batch_size = cell.micro_batch
     cfg.train.grad_checkpointing, cfg.train.channels_last = cell.checkpointing, cell.channels_last
     cfg.train.compile = cell.compile
+    cfg.moco.version = cell.version
+    if cell.version == "v3":
+        cfg.model.dim = 256  # MoCo v3's; the heads' hidden width is its default 4096
     return cfg
 
 

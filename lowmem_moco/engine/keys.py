@@ -24,24 +24,27 @@ from .views import View, same_layout, take, whole
 
 @torch.no_grad()
 def encode_keys(encoder_k: nn.Module, images: View, num_chunks: int,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Normalised keys (NxC, fp32, in the order of `images`) from `num_chunks` equal chunks.
+                generator: torch.Generator | None = None, normalize: bool = True) -> torch.Tensor:
+    """Normalised keys (NxC, fp32, in the order of `images`) from `num_chunks` equal chunks;
+    normalize=False: `encoder_k`'s outputs as they are (MoCo v3 runs the key backbone here and
+    its projector over the whole batch after).
 
     `images` is a tensor or a lazy view (views.py): each chunk's images are taken (made) just
     before it is encoded. Works for any norm layer (nn.BatchNorm2d, timm's BatchNormAct2d, ...)
     and memory format: the batch is split along its first dimension, never reshaped.
     """
     perm = torch.randperm(len(images), generator=generator)  # n, on the CPU
-    keys = _encode_in_chunks(encoder_k, images, perm.chunk(num_chunks))  # nxC, shuffled order
+    keys = _encode_in_chunks(encoder_k, images, perm.chunk(num_chunks), normalize)  # nxC, shuffled order
     unshuffled = torch.empty_like(keys)  # nxC
     unshuffled[perm.to(keys.device, non_blocking=True)] = keys  # back to the order of `images`
     return unshuffled
 
 
-def _encode_in_chunks(encoder_k: nn.Module, images: View, chunks: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def _encode_in_chunks(encoder_k: nn.Module, images: View, chunks: tuple[torch.Tensor, ...],
+                      normalize: bool = True) -> torch.Tensor:
     # One chunk's views exist at a time; BatchNorm sees one chunk at a time.
     keys = torch.cat([encoder_k(take(images, rows)) for rows in chunks])  # nxC
-    return F.normalize(keys.float(), dim=1)
+    return F.normalize(keys.float(), dim=1) if normalize else keys
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""The MoCo v2 state: query encoder, its momentum copy, the queue of negatives, the loss.
+"""The MoCo state: query encoder, its momentum copy, the queue of negatives (v2) or the
+predictor (v3), and the losses.
 
 Shapes: N = queries or keys in a batch, C = model.dim, K = moco.queue_size.
 
@@ -19,6 +20,10 @@ over the engine so that one step can run in micro-batches and key chunks:
 
 The queue is kept KxC here (the official code keeps CxK): one key per row, so enqueueing is
 a row write.
+
+MoCo v3 (facebookresearch/moco-v3 `moco/builder.py`): f_q and f_k both end in the projector
+(their `head`), the predictor follows f_q only and is not part of the momentum update; there
+is no queue (K = 0). Its step is gradcache.GradCacheStep; its loss `in_batch_nce`.
 """
 
 from __future__ import annotations
@@ -35,14 +40,19 @@ from ..optim import cosine_decay
 class MoCo(nn.Module):
     """Holds f_q, f_k and the queue; the training step (step.py) decides when each is used."""
 
-    def __init__(self, encoder: nn.Module, queue_size: int, dim: int):
+    def __init__(self, encoder: nn.Module, queue_size: int, dim: int, predictor: nn.Module | None = None):
         super().__init__()
         self.encoder_q = encoder
+        self.predictor = predictor  # MoCo v3's, on the query side only; None under v2
         # The key encoder is made before any wrapping for mixed precision or data parallel, so
         # it stays a plain module with fp32 parameters that the EMA can update exactly.
         self.encoder_k = copy.deepcopy(encoder).requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))  # KxC
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates: f_q's parameters, then the predictor's (v3)."""
+        return [*self.encoder_q.parameters(), *(self.predictor.parameters() if self.predictor is not None else [])]
 
     @torch.no_grad()
     def momentum_update(self, m: float) -> None:
@@ -65,16 +75,45 @@ class MoCo(nn.Module):
         self.queue_ptr.add_(n).remainder_(size)
 
 
-def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean InfoNCE of queries q (NxC, not yet normalised) against their keys k (NxC,
-    normalised) and the negatives in queue (KxC). Always computed in fp32."""
+# The denominators of the two losses, per query q_i (s = cosine similarity, T = temperature):
+#   infonce: exp(s(q_i, k_i)/T) + sum over the negatives exp(s(q_i, n)/T)
+#   dcl:                          sum over the negatives exp(s(q_i, n)/T)
+# (Yeh et al. 2021, arXiv 2110.06848, the decoupled loss L_DC,i = -s(q_i, k_i)/T + log U_i:
+# the positive pair removed from the denominator U_i). The negatives n are
+#   v2: the K queue keys (the batch's own keys are enqueued after the step, so k_i is not among them)
+#   v3: the other N - 1 keys k_j, j != i, of the batch (MoCo v3's logits q_i . k_j; the paper's
+#       SimCLR-form U_i also counts same-view pairs, which MoCo's loss never had)
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
+             decoupled: bool = False) -> torch.Tensor:
+    """Mean InfoNCE (or DCL when `decoupled`) of queries q (NxC, not yet normalised) against
+    their keys k (NxC, normalised) and the negatives in queue (KxC). Always computed in fp32."""
     with torch.autocast(device_type=q.device.type, enabled=False):
         q = F.normalize(q.float(), dim=1)  # NxC
         l_pos = (q * k.float()).sum(dim=1, keepdim=True)  # Nx1
         l_neg = q @ queue.float().t()  # NxK
-        logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # Nx(1+K)
-        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # N; the positive is column 0
-        return F.cross_entropy(logits, labels)
+        return _contrastive(l_pos, l_neg, temperature, decoupled)
+
+
+def in_batch_nce(q: torch.Tensor, k: torch.Tensor, temperature: float, decoupled: bool = False) -> torch.Tensor:
+    """MoCo v3's ctr(q, k): queries q (NxC) against keys k (NxC), both not yet normalised; key
+    k_j is query i's negative for every j != i. Times 2T, as the official loss. fp32."""
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        logits = F.normalize(q.float(), dim=1) @ F.normalize(k.float(), dim=1).t()  # NxN
+        l_pos = logits.diagonal().unsqueeze(1)  # Nx1
+        own = torch.eye(len(logits), dtype=torch.bool, device=logits.device)  # NxN
+        l_neg = logits.masked_fill(own, float("-inf"))  # NxN: the positive is not a negative
+        return _contrastive(l_pos, l_neg, temperature, decoupled) * (2 * temperature)
+
+
+def _contrastive(l_pos: torch.Tensor, l_neg: torch.Tensor, temperature: float, decoupled: bool) -> torch.Tensor:
+    """Mean loss from positive similarities l_pos (Nx1) and negative ones l_neg (NxM; -inf: none)."""
+    if decoupled:
+        return (torch.logsumexp(l_neg / temperature, dim=1) - l_pos.squeeze(1) / temperature).mean()
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # Nx(1+M)
+    labels = torch.zeros(l_pos.shape[0], dtype=torch.long, device=l_pos.device)  # N; the positive is column 0
+    return F.cross_entropy(logits, labels)
 
 
 def momentum_at(step: int, total_steps: int, base: float, schedule: str) -> float:

@@ -47,7 +47,8 @@ class StepResult:
 
 class MoCoStep:
     def __init__(self, moco: MoCo, optimizer, accelerator, *, micro_batch: int, key_chunks: int,
-                 temperature: float, symmetric: bool = False, encoder_q: nn.Module | None = None,
+                 temperature: float, symmetric: bool = False, decoupled: bool = False,
+                 encoder_q: nn.Module | None = None,
                  guard_bn_stats: bool = False, shuffle_across_processes: bool = False, planning: bool = False):
         self.moco = moco
         self.encoder_q = encoder_q if encoder_q is not None else moco.encoder_q  # may be DDP-wrapped
@@ -57,6 +58,7 @@ class MoCoStep:
         self.key_chunks = key_chunks
         self.temperature = temperature
         self.symmetric = symmetric
+        self.decoupled = decoupled  # moco.loss=dcl (moco.py: which terms each loss's denominator holds)
         self.shuffle_across_processes = shuffle_across_processes
         # Checkpointing re-runs the forward in backward, which would update BatchNorm running
         # statistics twice; they are put back after each backward.
@@ -91,7 +93,7 @@ class MoCoStep:
                     with acc.autocast():
                         # The micro-batch's views are made here (lazy views) and freed after its backward.
                         q = self.encoder_q(take(images, part))  # mxC, m = micro_batch, not yet normalised
-                    loss = info_nce(q, keys[part], queue, self.temperature) / n_micro  # scalar; keys[part]: mxC
+                    loss = info_nce(q, keys[part], queue, self.temperature, self.decoupled) / n_micro  # scalar; keys[part]: mxC
                     saved = bn_snapshot(moco.encoder_q) if self.guard_bn_stats else []
                     acc.backward(loss)
                     restore_bn(saved)
@@ -100,12 +102,19 @@ class MoCoStep:
         merge_bn_stats(bn_before, acc)
         if world > 1:  # every process takes the same decision to step or skip
             total = acc.reduce(total, reduction="mean")
-        # One read of the loss serves the log and the finite check: each read waits for the GPU.
-        loss_value = float("nan") if self.planning else float(total)
-        if not self.planning and not math.isfinite(loss_value):
-            self.optimizer.zero_grad(set_to_none=True)
-            return StepResult(loss_value, skipped=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        moco.enqueue(torch.cat([all_q, all_k]) if self.symmetric else all_k)  # (world*n)xC, twice if symmetric
-        return StepResult(loss_value, skipped=False)
+        result = optimizer_step(self.optimizer, total, self.planning)
+        if not result.skipped:
+            moco.enqueue(torch.cat([all_q, all_k]) if self.symmetric else all_k)  # (world*n)xC, twice if symmetric
+        return result
+
+
+def optimizer_step(optimizer, total: torch.Tensor, planning: bool) -> StepResult:
+    """The optimizer step when the loss `total` (a scalar) is finite, else no update; gradients
+    cleared either way. `planning` (fake tensors, no values): no loss read, always a step."""
+    # One read of the loss serves the log and the finite check: each read waits for the GPU.
+    loss_value = float("nan") if planning else float(total)
+    skipped = not planning and not math.isfinite(loss_value)
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_value, skipped=skipped)

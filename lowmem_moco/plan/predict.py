@@ -4,7 +4,8 @@
     prediction = step.predict(micro_batch=128)  # Prediction(peak_bytes=..., by_category={...})
 
 The step is the trainer's own: the model from `factory.build_model`, the optimizer
-from `build_optimizer`, `MoCoStep` with its micro-batches and key chunks, and input views made
+from `build_optimizer`, the step `factory.make_step` picks (v2's MoCoStep, v3's GradCacheStep)
+with its micro-batches and key chunks, and input views made
 per key chunk and micro-batch as the pipeline's lazy views are. The model is built for real on
 the CPU (timm's constructors read values), then its parameters, buffers and optimizer state
 are swapped for fake tensors (torch's FakeTensorMode): every operator runs on shapes only,
@@ -36,10 +37,9 @@ from ..errors import ConfigError
 from .fake_cuda import to_fake
 from .one_process import OneProcessAccelerator, gpu_optimizer_defaults
 from .memtrack import CountedAsInputs, peak_by_category, step_tracker
-from ..engine.step import MoCoStep
 from ..optim import build_optimizer
 from ..run_settings import view_dtype
-from ..factory import build_model
+from ..factory import build_model, make_step
 
 GiB = 2**30
 
@@ -119,7 +119,7 @@ class PlannedStep:
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         if fake:
             to_fake(self.moco, self.mode)
-        self.optimizer = build_optimizer(self.moco.encoder_q.parameters(), cfg)
+        self.optimizer = build_optimizer(self.moco.trained_parameters(), cfg)
         gpu_optimizer_defaults(self.optimizer)
         with self._mode():
             self._prime_optimizer()
@@ -152,9 +152,8 @@ class PlannedStep:
         if micro_batch < 2 or batch % micro_batch:
             raise ConfigError(f"train.micro_batch_size={micro_batch} does not divide train.batch_size={batch} "
                               f"into micro-batches of at least 2; use a divisor of {batch}")
-        step = MoCoStep(self.moco, self.optimizer, OneProcessAccelerator(self.precision), micro_batch=micro_batch,
-                        key_chunks=cfg.moco.key_chunks, temperature=cfg.moco.temperature,
-                        symmetric=cfg.moco.symmetric, guard_bn_stats=self.checkpointing, planning=self.fake)
+        step = make_step(cfg, self.moco, self.optimizer, OneProcessAccelerator(self.precision), micro_batch,
+                         guard_bn_stats=self.checkpointing, planning=self.fake)
         size, dtype = cfg.data.image_size, view_dtype(cfg, self.precision, "cuda")
         tracker = step_tracker(lean=lean)
         with self._mode():
