@@ -134,3 +134,59 @@ def test_per_epoch_schedules_reproduce_the_official_learning_rates():
     assert lr_at(100 * 5005, 5005, imagenet) == pytest.approx(0.015)
     assert lr_at(100 * 5005, 5005, dataclasses.replace(imagenet, lr_schedule="cosine")) == pytest.approx(0.015)
     assert lr_at(1, 5005, dataclasses.replace(imagenet, lr_schedule="cosine")) < 0.03  # per step: already decaying
+
+
+# facebookresearch/moco-v3: main_moco.py's defaults and augmentation1/augmentation2, with CONFIG.md's
+# commands. Shared by every v3 recipe:
+MOCO_V3_COMMON = {
+    "moco.version": "v3",
+    "model.dim": 256,                           # --moco-dim
+    "moco.momentum": 0.99,                      # --moco-m
+    "moco.momentum_schedule": "cosine",         # --moco-m-cos
+    "augment.jitter_prob": 0.8,                 # RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8)
+    "augment.jitter": [0.4, 0.4, 0.2, 0.1],
+    "augment.grayscale_prob": 0.2,              # RandomGrayscale(p=0.2)
+    "augment.blur_prob": [1.0, 0.1],            # GaussianBlur p=1.0 (view 1), p=0.1 (view 2)
+    "augment.blur_sigma": [0.1, 2.0],
+    "augment.solarize_prob": [0.0, 0.2],        # Solarize p=0.2 (view 2 only)
+    "augment.flip_prob": 0.5,
+    "train.lr_schedule": "cosine",              # adjust_learning_rate per iteration, after the warm-up
+}
+# CONFIG.md, "ViT-Small, 4-node (32-GPU) pre-training" (batch 4096 by default).
+MOCO_V3_VIT_SMALL = {**MOCO_V3_COMMON,
+    "model.arch": "vit_small_patch16_224", "data.image_size": 224,
+    "model.head_hidden_dim": 4096,              # --moco-mlp-dim
+    "model.freeze_patch_embed": True,           # --stop-grad-conv1
+    "model.pos_embed": "sincos",                # vits.py build_2d_sincos_position_embedding
+    "augment.crop_scale": [0.08, 1.0],          # --crop-min default .08
+    "moco.temperature": 0.2,                    # --moco-t=.2
+    "train.batch_size": 4096, "train.epochs": 300, "train.warmup_epochs": 40,
+    "train.optimizer": "adamw", "train.lr": 1.5e-4 * 4096 / 256, "train.weight_decay": 0.1,
+}
+# CONFIG.md, "ResNet-50, 100-epoch pre-training": --moco-m-cos --crop-min=.2 on the defaults.
+MOCO_V3_RESNET50 = {**MOCO_V3_COMMON,
+    "model.arch": "resnet50", "data.image_size": 224,
+    "model.resnet_init": "timm",                # torchvision's zero_init_residual=True
+    "model.head_hidden_dim": 4096,
+    "augment.crop_scale": [0.2, 1.0],           # --crop-min=.2
+    "moco.temperature": 1.0,                    # --moco-t default
+    "train.batch_size": 4096, "train.epochs": 100, "train.warmup_epochs": 10,
+    "train.optimizer": "lars", "train.lr": 0.6 * 4096 / 256, "train.weight_decay": 1e-6,
+}
+
+
+@pytest.mark.parametrize("recipe, official", [("imagenet_vit_small_mocov3", MOCO_V3_VIT_SMALL),
+                                              ("imagenet_resnet50_mocov3", MOCO_V3_RESNET50)])
+def test_mocov3_recipes_are_the_official_settings(recipe, official):
+    cfg = load_config(RECIPES / f"{recipe}.yaml")
+    differences = {k: (get_key(cfg, k), v) for k, v in official.items() if get_key(cfg, k) != pytest.approx(v)}
+    assert differences == {}
+
+
+def test_the_small_mocov3_recipe_keeps_the_vit_small_settings_it_does_not_scale():
+    small = load_config(RECIPES / "imagenette_vit_tiny_mocov3.yaml")
+    kept = {k: v for k, v in MOCO_V3_VIT_SMALL.items() if k not in
+            ("model.arch", "data.image_size", "model.head_hidden_dim", "train.batch_size", "train.epochs",
+             "train.warmup_epochs", "train.lr")}
+    assert {k: get_key(small, k) for k in kept} == pytest.approx(kept)
+    assert small.train.lr == pytest.approx(1.5e-4 * small.train.batch_size / 256)

@@ -49,6 +49,10 @@ STAND_INS = {
                      "runtime: backward() gives every parameter the loss reaches a gradient of its shape, dtype "
                      "and device instead (what the optimizer step and loss scaler see). Not rehearsed: the "
                      "backward operators themselves and their memory (plan predicts them, on the CPU's rules)",
+    "CUDA random state": "torch.cuda.get_rng_state / set_rng_state (the v3 gradient cache saves the GPU's "
+                         "random state per micro-batch and replays it) need a driver: the state read is a fixed "
+                         "one and a restore does nothing; the replay itself is checked on the CPU "
+                         "(tests/engine/test_gradcache.py)",
     "CUDA autocast availability": "torch.autocast('cuda') and GradScaler('cuda') check for a CUDA driver before "
                                   "they enable themselves; the check answers yes, and bf16 support follows the "
                                   "card's compute capability, so the casts are CUDA's own tables",
@@ -229,6 +233,13 @@ class FakeCuda:
     def __enter__(self) -> "FakeCuda":
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(_patched_for_cuda(self.capability))
+        fixed_state = torch.zeros(16, dtype=torch.uint8)  # made before the fake mode: a real host tensor
+
+        def random_state(*args, **kwargs):  # STAND_INS: 'CUDA random state', listed only when reached
+            self.watch.stand_ins_used.add("CUDA random state")
+            return fixed_state
+        self._stack.enter_context(mock.patch("torch.cuda.get_rng_state", random_state))
+        self._stack.enter_context(mock.patch("torch.cuda.set_rng_state", lambda *args, **kwargs: None))
         self._stack.enter_context(self.mode)
         self._stack.enter_context(self.watch)
         self.watch.stand_ins_used.update({"CUDA autocast availability", "backward pass"})
