@@ -63,7 +63,7 @@ def _text(cfg: Config, recipe: str, own: Prediction, precision: str, card: Gpu |
     method = "predicted" if own.method == "fake" else "measured on real CPU tensors (the arch cannot be traced)"
     lines = [f"plan: {recipe}: {cfg.model.arch} {cfg.data.image_size} px, batch {t.batch_size} = "
              f"{own.micro_batch} x {t.batch_size // own.micro_batch} micro-batches, {cfg.moco.key_chunks} key chunks, "
-             f"K {cfg.moco.queue_size}, precision {precision}"
+             f"{f'K {cfg.moco.queue_size}' if cfg.moco.version == 'v2' else 'in-batch negatives (v3)'}, precision {precision}"
              f"{' (fp16 autocast with loss scaling: no native bf16)' if card and card.capability < (8, 0) and precision == 'fp16' else ''}"
              f", checkpointing {'on' if own.checkpointing else 'off'}",
              f"peak by category ({method}):"]
