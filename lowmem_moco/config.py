@@ -184,11 +184,11 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | dict = 
         for key, value in _flatten(read_recipe(recipe)).items():
             _apply(cfg, key, value, f"in {recipe}")
     if isinstance(overrides, dict):
-        for key, value in overrides.items():
-            _apply(cfg, key, value, "in the overrides")
-    for text in overrides if not isinstance(overrides, dict) else ():
-        key, value = parse_override(text)
-        _apply(cfg, key, value, "on the command line")
+        pairs, where = overrides.items(), "in the overrides"
+    else:
+        pairs, where = map(parse_override, overrides), "on the command line"
+    for key, value in pairs:
+        _apply(cfg, key, value, where)
     validate(cfg)
     return cfg
 

@@ -32,6 +32,11 @@ def view_dtype(cfg: Config, precision: str, device_type: str) -> torch.dtype:
     return MIXED_DTYPES[precision] or torch.float32
 
 
+def memory_format(cfg: Config) -> torch.memory_format:
+    """The layout of the input views: the model's (train.channels_last), so no step converts them."""
+    return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+
+
 @dataclass(frozen=True)
 class RunSettings:
     precision: str  # accelerate's mixed_precision on this device (validation.resolve_precision)

@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from .backbones import backbone_plan_from_config
 from .checkpoint import (CHECKPOINT_DIR, export_backbone, load_latest, restore_training_state, save_checkpoint,
                          training_state)
-from .config import Config, flat_config, resolve_precision, save_config, validate_for_processes
+from .config import Config, flat_config, save_config
 from .data.pipeline import build_pipeline
 from .data.sources.registry import build_datasets
 from .engine.moco import momentum_at
@@ -32,7 +32,7 @@ from .plan.auto_batch import AUTO, choose_micro_batch
 from .progress import MetricsLog, Progress, peak_memory_mb, trackers
 from .run_settings import RunSettings, view_dtype
 from .stopping import StopRequests
-from .validation import time_limit_seconds
+from .validation import resolve_precision, time_limit_seconds, validate_for_processes
 
 
 # ------------------------------------------------------------------ set-up helpers

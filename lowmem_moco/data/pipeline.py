@@ -24,6 +24,7 @@ from .augment.per_image import view_transforms
 from .augment.batched import BatchedMoCoV2
 from .stores.choice import open_image_store
 from ..config import Config
+from ..run_settings import memory_format
 from .stores.encoded_store import EncodedStore
 from .sources.images import LabelledImages, warn_small_images
 from .lazy_views import BatchedView, CopiedView
@@ -61,7 +62,7 @@ class Pipeline:
 
     def __init__(self, cfg: Config, device: torch.device, rank: int = 0, world: int = 1):
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
-        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.memory_format = memory_format(cfg)
 
     def __len__(self) -> int:
         raise NotImplementedError

@@ -38,7 +38,7 @@ from .fake_cuda import to_fake
 from .one_process import OneProcessAccelerator, gpu_optimizer_defaults
 from .memtrack import CountedAsInputs, peak_by_category, step_tracker
 from ..optim import build_optimizer
-from ..run_settings import view_dtype
+from ..run_settings import memory_format, view_dtype
 from ..factory import build_model, make_step
 
 GiB = 2**30
@@ -116,7 +116,7 @@ class PlannedStep:
         model_cfg = copy.deepcopy(cfg)  # the checkpointing being planned, whatever the recipe says
         model_cfg.train.grad_checkpointing = checkpointing
         self.moco = build_model(model_cfg, torch.device("cpu"))  # the trainer's own model
-        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.memory_format = memory_format(cfg)
         if fake:
             to_fake(self.moco, self.mode)
         self.optimizer = build_optimizer(self.moco.trained_parameters(), cfg)

@@ -31,7 +31,7 @@ from ..data.pipeline import sample_seed
 from ..data.stores.ragged import RaggedImages
 from ..data.stores.sides import shorter_side
 from ..factory import build_model, build_step
-from ..run_settings import batched_views, view_dtype
+from ..run_settings import batched_views, memory_format, view_dtype
 from ..validation import resolve_precision
 from .fake_cuda import STAND_INS, FakeCuda, RehearsalError, site_of
 from .memtrack import CountedAsInputs, peak_by_category, step_tracker
@@ -71,7 +71,7 @@ def host_batch(cfg: Config, n: int) -> RaggedImages:
 def _views(cfg: Config, images: RaggedImages, precision: str, device: torch.device, step: int) -> list:
     """The pipeline's lazy views of one batch on `device` (data/pipeline.py, per path)."""
     n, size = len(images), cfg.data.image_size
-    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    fmt = memory_format(cfg)
     if not batched_views(cfg, "cuda"):  # per-image views: made whole by the workers, pinned on the host
         return [CopiedView(torch.zeros(n, 3, size, size).pin_memory(), device, fmt) for _ in range(2)]
     seeds = torch.tensor([sample_seed(cfg.train.seed, step, i) for i in range(n)])
