@@ -20,6 +20,7 @@ import torch
 
 from ..config import Config
 from ..errors import UserError
+from .predict import Gpu
 from .search import Planner, nothing_fits, search
 
 AUTO = "auto"
@@ -51,8 +52,9 @@ def choose_micro_batch(cfg: Config, device: torch.device, precision: str, proces
         where = "a CPU" if device.type != "cuda" else f"{processes} processes"
         return rule, f"rule for {where}: largest divisor of {share} up to {RULE_MAX_MICRO_BATCH}"
     free, _ = torch.cuda.mem_get_info(device)
+    card = Gpu(torch.cuda.get_device_name(device), free / 2**30, torch.cuda.get_device_capability(device))
     try:
-        chosen, peak = plan_micro_batch(cfg, precision, free)
+        chosen, peak = plan_micro_batch(cfg, precision, free, card)
     except UserError:
         raise
     except Exception as err:  # the planner is a help, not a requirement
@@ -63,9 +65,10 @@ def choose_micro_batch(cfg: Config, device: torch.device, precision: str, proces
                     f"{torch.cuda.get_device_name(device)}")
 
 
-def plan_micro_batch(cfg: Config, precision: str, free_bytes: int) -> tuple[int, int]:
-    """(largest micro-batch predicted to fit `free_bytes` with the margin, its predicted peak)."""
-    planner = Planner(cfg, precision)
+def plan_micro_batch(cfg: Config, precision: str, free_bytes: int, card: Gpu | None = None) -> tuple[int, int]:
+    """(largest micro-batch predicted to fit `free_bytes` with the margin, its predicted peak);
+    on CUDA's rules for `card` (the GPU training runs on), on the CPU's without one."""
+    planner = Planner(cfg, precision, card)
     with torch.random.fork_rng(devices=[]):  # building the model draws numbers: leave the run's alone
         result = search(planner, free_bytes, checkpointing=(cfg.train.grad_checkpointing,))
     if result.choice is None:

@@ -32,9 +32,13 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
+from .attention_kernels import attention_on
+from .host_autograd import HostAutograd
+
 aten = torch.ops.aten
 PACKAGE = Path(__file__).resolve().parents[1]  # lowmem_moco/
-REHEARSAL_FILES = {str(PACKAGE / "plan" / name) for name in ("fake_cuda.py", "rehearse.py", "one_process.py")}
+REHEARSAL_FILES = {str(PACKAGE / "plan" / name) for name in ("fake_cuda.py", "rehearse.py", "one_process.py",
+                                                                    "host_autograd.py", "attention_kernels.py")}
 
 STAND_INS = {
     "pinned host memory": "a pinned allocation is an ordinary host allocation marked as pinned; pinning changes "
@@ -45,10 +49,17 @@ STAND_INS = {
     "data-dependent shapes": "nonzero, masked_select, unique and repeat_interleave on the GPU answer with a shape "
                              "(every element selected, one unique value); only reached by code that also syncs "
                              "there, which the rehearsal reports",
-    "backward pass": "torch's autograd engine schedules CUDA work on per-device threads that need a CUDA "
-                     "runtime: backward() gives every parameter the loss reaches a gradient of its shape, dtype "
-                     "and device instead (what the optimizer step and loss scaler see). Not rehearsed: the "
-                     "backward operators themselves and their memory (plan predicts them, on the CPU's rules)",
+    "autograd engine": "torch's C++ autograd engine asks the CUDA driver which devices hold a context "
+                       "before it schedules CUDA work: backward() walks the same graph node by node on the "
+                       "calling thread instead (plan/host_autograd.py): the engine's order, checks, hooks and "
+                       "freeing of saved tensors, every backward operator run on fake CUDA; held to torch's "
+                       "engine on CPU tensors (same gradients bit for bit, same peak). Not seen: the engine's "
+                       "device thread and its stream synchronisation",
+    "attention kernel": "without a driver torch runs scaled_dot_product_attention's math kernel, which holds "
+                        "the NxN attention matrix; the kernel the card would pick runs instead (flash from "
+                        "compute capability 8.0, memory-efficient from 5.0, by PyTorch's order and main "
+                        "conditions, plan/attention_kernels.py); a choice PyTorch makes otherwise (an input "
+                        "layout it refuses) is not seen",
     "CUDA random state": "torch.cuda.get_rng_state / set_rng_state (the v3 gradient cache saves the GPU's "
                          "random state per micro-batch and replays it) need a driver: the state read is a fixed "
                          "one and a restore does nothing; the replay itself is checked on the CPU "
@@ -194,27 +205,14 @@ class DeviceWatch(TorchDispatchMode):
         return NotImplemented
 
 
-def _gradients_of_shapes(tensors, *args, **kwargs) -> None:
-    """torch.autograd.backward's stand-in (STAND_INS: 'backward pass'): a zero gradient, on the
-    parameter's own device, for every leaf the graph of `tensors` reaches that has none yet."""
-    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-    seen, todo = set(), [t.grad_fn for t in tensors if t.grad_fn is not None]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        leaf = getattr(node, "variable", None)  # AccumulateGrad: the leaf it accumulates into
-        if leaf is not None and leaf.grad is None:
-            leaf.grad = torch.zeros_like(leaf)
-        todo.extend(next_node for next_node, _ in node.next_functions)
-
-
-def _patched_for_cuda(capability: tuple[int, int]):
+def _patched_for_cuda(capability: tuple[int, int], used: set):
     """CUDA autocast and GradScaler enabled without a driver (STAND_INS: 'CUDA autocast availability'),
-    and the backward pass's stand-in."""
+    the backward run node by node (STAND_INS: 'autograd engine') and the card's attention kernel
+    (STAND_INS: 'attention kernel', listed in `used` when reached)."""
     stack = contextlib.ExitStack()
-    stack.enter_context(mock.patch("torch.autograd.backward", _gradients_of_shapes))
+    stack.enter_context(HostAutograd())
+    stack.enter_context(mock.patch("torch.nn.functional.scaled_dot_product_attention",
+                                   attention_on(capability, used)))
     stack.enter_context(mock.patch("torch.cuda.amp.common.amp_definitely_not_available", return_value=False))
     stack.enter_context(mock.patch("torch.cuda.is_bf16_supported", return_value=capability >= (8, 0)))
     return stack
@@ -232,7 +230,7 @@ class FakeCuda:
 
     def __enter__(self) -> "FakeCuda":
         self._stack = contextlib.ExitStack()
-        self._stack.enter_context(_patched_for_cuda(self.capability))
+        self._stack.enter_context(_patched_for_cuda(self.capability, self.watch.stand_ins_used))
         fixed_state = torch.zeros(16, dtype=torch.uint8)  # made before the fake mode: a real host tensor
 
         def random_state(*args, **kwargs):  # STAND_INS: 'CUDA random state', listed only when reached
@@ -242,7 +240,7 @@ class FakeCuda:
         self._stack.enter_context(mock.patch("torch.cuda.set_rng_state", lambda *args, **kwargs: None))
         self._stack.enter_context(self.mode)
         self._stack.enter_context(self.watch)
-        self.watch.stand_ins_used.update({"CUDA autocast availability", "backward pass"})
+        self.watch.stand_ins_used.update({"CUDA autocast availability", "autograd engine"})
         return self
 
     def __exit__(self, *exc) -> None:

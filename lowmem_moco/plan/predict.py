@@ -34,7 +34,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import Config
 from ..errors import ConfigError
-from .fake_cuda import to_fake
+from .fake_cuda import FakeCuda, to_fake
 from .one_process import OneProcessAccelerator, gpu_optimizer_defaults
 from .memtrack import CountedAsInputs, peak_by_category, step_tracker
 from ..optim import build_optimizer
@@ -55,6 +55,11 @@ class Gpu:
 # public out-of-memory messages; the others are their nominal size less the same ~2.5 %.
 GPUS = {g.name: g for g in [Gpu("t4", 14.56, (7, 5)), Gpu("l4", 21.9, (8, 9)), Gpu("a100-40", 39.0, (8, 0)),
                             Gpu("a100-80", 78.0, (8, 0)), Gpu("h100", 78.0, (9, 0))]}
+
+# Whose CUDA rules a bare budget (--budget-gb, no card named) is planned on: autocast's tables
+# are the same on every card; compute capability 8.0 runs the recipe's precision as asked
+# (bf16 natively) and the fused attention kernels of current cards.
+UNNAMED_GPU = Gpu("a GPU of unknown kind", 0.0, (8, 0))
 
 # Kept free of the budget for what the fake CPU step cannot see (module docstring):
 # PROVISIONAL (no GPU measurement yet): a fraction of the budget plus a fixed amount.
@@ -84,8 +89,8 @@ class Prediction:
     notes: list = field(default_factory=list)
 
 
-def _zero_images(n: int, size: int, dtype: torch.dtype, memory_format) -> torch.Tensor:
-    return torch.zeros(n, 3, size, size, dtype=dtype).contiguous(memory_format=memory_format)  # nx3xSxS
+def _zero_images(n: int, size: int, dtype: torch.dtype, memory_format, device: str = "cpu") -> torch.Tensor:
+    return torch.zeros(n, 3, size, size, dtype=dtype, device=device).contiguous(memory_format=memory_format)  # nx3xSxS
 
 
 class _PlannedView:
@@ -93,39 +98,47 @@ class _PlannedView:
     pipeline's are, in its dtype and layout. The augmentation's own scratch is not planned: it
     exists before a chunk's forward, when activations are smaller than at the peak."""
 
-    def __init__(self, n: int, size: int, dtype: torch.dtype, memory_format):
-        self.n, self.size, self.dtype, self.memory_format = n, size, dtype, memory_format
+    def __init__(self, n: int, size: int, dtype: torch.dtype, memory_format, device: str):
+        self.n, self.size, self.dtype, self.memory_format, self.device = n, size, dtype, memory_format, device
 
     def __len__(self) -> int:
         return self.n
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        return _zero_images(len(rows), self.size, self.dtype, self.memory_format)  # rx3xSxS
+        return _zero_images(len(rows), self.size, self.dtype, self.memory_format, self.device)  # rx3xSxS
 
 
 class PlannedStep:
     """One recipe's step (precision and checkpointing fixed), built once, predicted at any micro-batch.
 
-    fake=False runs the same step on real CPU tensors: a measurement, for checking the
-    planner and for models it cannot trace."""
+    card=None predicts on the CPU's rules (fake CPU tensors, CPU autocast; plan-check measures
+    this against real CPU peaks); a card predicts on CUDA's (fake CUDA tensors under CUDA
+    autocast with its precision and loss scaling, plan/fake_cuda.py). fake=False runs the step
+    on real CPU tensors: a measurement, for checking the planner and for models it cannot trace."""
 
-    def __init__(self, cfg: Config, precision: str, checkpointing: bool, fake: bool = True):
+    def __init__(self, cfg: Config, precision: str, checkpointing: bool, fake: bool = True, card: Gpu | None = None):
         self.cfg, self.precision, self.checkpointing, self.fake = cfg, precision, checkpointing, fake
-        self.mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+        self.cuda = FakeCuda(card.capability) if fake and card is not None else None
+        self.device = "cuda" if self.cuda else "cpu"
+        self.mode = self.cuda.mode if self.cuda else (FakeTensorMode(allow_non_fake_inputs=True) if fake else None)
         torch.manual_seed(cfg.train.seed)
         model_cfg = copy.deepcopy(cfg)  # the checkpointing being planned, whatever the recipe says
         model_cfg.train.grad_checkpointing = checkpointing
         self.moco = build_model(model_cfg, torch.device("cpu"))  # the trainer's own model
         self.memory_format = memory_format(cfg)
-        if fake:
+        if self.cuda:
+            with self.cuda:
+                self.cuda.to_device(self.moco)
+        elif fake:
             to_fake(self.moco, self.mode)
         self.optimizer = build_optimizer(self.moco.trained_parameters(), cfg)
         gpu_optimizer_defaults(self.optimizer)
-        with self._mode():
+        with self._mode():  # on CUDA's rules the GradScaler sees the (fake) CUDA it needs
+            self.accelerator = OneProcessAccelerator(precision, self.device)
             self._prime_optimizer()
 
     def _mode(self):
-        return self.mode if self.fake else contextlib.nullcontext()
+        return self.cuda or (self.mode if self.fake else contextlib.nullcontext())
 
     def _prime_optimizer(self) -> None:
         """One zero-gradient step: the optimizer state exists, as in the middle of training."""
@@ -152,20 +165,21 @@ class PlannedStep:
         if micro_batch < 2 or batch % micro_batch:
             raise ConfigError(f"train.micro_batch_size={micro_batch} does not divide train.batch_size={batch} "
                               f"into micro-batches of at least 2; use a divisor of {batch}")
-        step = make_step(cfg, self.moco, self.optimizer, OneProcessAccelerator(self.precision), micro_batch,
-                         guard_bn_stats=self.checkpointing, planning=self.fake)
+        optimizer = self.accelerator.prepare(self.moco.encoder_q, self.optimizer)[1]  # fp16 on CUDA: loss scaling
+        step = make_step(cfg, self.moco, optimizer, self.accelerator, micro_batch, guard_bn_stats=self.checkpointing,
+                         planning=self.fake)
         size, dtype = cfg.data.image_size, view_dtype(cfg, self.precision, "cuda")
         tracker = step_tracker(lean=lean)
         with self._mode():
             if whole_batch_views:  # both views of the whole batch made before the step: Bx3xSxS each
-                views = [_zero_images(batch, size, dtype, self.memory_format) for _ in range(2)]
+                views = [_zero_images(batch, size, dtype, self.memory_format, self.device) for _ in range(2)]
             else:  # the pipeline's lazy views: made per key chunk and micro-batch, inside the step
-                views = [CountedAsInputs(_PlannedView(batch, size, dtype, self.memory_format), tracker)
+                views = [CountedAsInputs(_PlannedView(batch, size, dtype, self.memory_format, self.device), tracker)
                          for _ in range(2)]
             tracker.track_external(self.moco, self.optimizer, *[v for v in views if torch.is_tensor(v)])
             with tracker:
                 step(*views, cfg.moco.momentum, torch.Generator().manual_seed(cfg.train.seed + 1))
-        by_category = peak_by_category(tracker, "cpu")
+        by_category = peak_by_category(tracker, self.device)
         total = by_category.pop("total")
         queue = min(by_category.get("buffers", 0), self.moco.queue.untyped_storage().nbytes())
         by_category["queue"], by_category["buffers"] = queue, by_category.get("buffers", 0) - queue

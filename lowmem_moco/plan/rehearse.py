@@ -52,7 +52,7 @@ class Rehearsal:
     syncs: list  # {"site", "reason", "per_step"}: per_step the count in each step
     cuda_ops_per_step: int
     cuda_ops_per_image: float
-    peak_bytes: int  # held at the peak; not a prediction while the backward is a stand-in (see _text)
+    peak_bytes: int  # tensor memory at the step's peak, on CUDA's rules (MemTracker over fake CUDA tensors)
     by_category: dict
     stand_ins: list  # names of the stand-ins this rehearsal used (fake_cuda.STAND_INS)
     seconds: float
@@ -150,8 +150,8 @@ def _text(recipe: str, r: Rehearsal) -> list[str]:
              f"the loss scaler's overflow check)"]
     lines += [f"    {s['site']}: {s['reason']} (per step: {', '.join(map(str, s['per_step']))})" for s in r.syncs]
     lines += [f"  CUDA operators per step: {r.cuda_ops_per_step} ({r.cuda_ops_per_image:.1f} per image)",
-              f"  tensor memory held at the peak: {r.peak_bytes / GiB:.2f} GiB; not a prediction: with the backward "
-              f"a stand-in, saved activations are never freed (lowmem-moco plan predicts the peak)",
+              f"  peak tensor memory on CUDA's rules: {r.peak_bytes / GiB:.2f} GiB (the backward's operators and "
+              f"freeing included; lowmem-moco plan adds the margin for what fake tensors cannot see)",
               "  stand-ins for what only a GPU does:"]
     lines += [f"    {name}: {STAND_INS[name]}" for name in r.stand_ins]
     lines += [f"  note: {n}" for n in r.notes] + [f"  {r.seconds:.1f} s on this machine"]

@@ -9,7 +9,7 @@ from ..config import Config, load_config
 from ..errors import ConfigError
 from ..validation import resolve_precision
 from .device import AUTO, detect_gpu
-from .predict import CUDA_MARGIN, GPUS, GiB, Gpu, Prediction, gpu, usable_bytes
+from .predict import CUDA_MARGIN, GPUS, UNNAMED_GPU, GiB, Gpu, Prediction, gpu, usable_bytes
 from .search import Planner, SearchResult, nothing_fits, overrides, search
 
 ORDER = ("params", "grads", "optimizer", "activations", "temporaries", "inputs", "queue", "buffers")
@@ -27,7 +27,7 @@ def plan(recipe: str, overrides_: list[str], gpu_name: str | None = None, budget
     # The precision training would run on that card (a T4 has no native bf16); a bare budget
     # is a GPU of unknown kind, which runs what the recipe asks.
     precision = resolve_precision(cfg.train.precision, card.capability, card.name) if card else cfg.train.precision
-    planner = Planner(cfg, precision)
+    planner = Planner(cfg, precision, card or UNNAMED_GPU)  # on CUDA's rules (fake CUDA, CUDA autocast)
     result: SearchResult | None = search(planner, budget) if budget is not None else None
     if cfg.train.micro_batch_size == "auto":  # what the trainer would choose on this budget
         if result is None:
@@ -60,7 +60,8 @@ def _gib(n: int) -> str:
 def _text(cfg: Config, recipe: str, own: Prediction, precision: str, card: Gpu | None, budget: int | None,
           result: SearchResult | None, planner: Planner) -> list[str]:
     t = cfg.train
-    method = "predicted" if own.method == "fake" else "measured on real CPU tensors (the arch cannot be traced)"
+    method = (f"predicted on CUDA's rules: fake CUDA tensors, CUDA autocast{f' as on a {card.name}' if card else ''}"
+              if own.method == "fake" else "measured on real CPU tensors (the arch cannot be traced)")
     lines = [f"plan: {recipe}: {cfg.model.arch} {cfg.data.image_size} px, batch {t.batch_size} = "
              f"{own.micro_batch} x {t.batch_size // own.micro_batch} micro-batches, {cfg.moco.key_chunks} key chunks, "
              f"{f'K {cfg.moco.queue_size}' if cfg.moco.version == 'v2' else 'in-batch negatives (v3)'}, precision {precision}"

@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import (DataDependentOutputException, Dynamic
 
 from ..config import Config
 from ..errors import ConfigError
-from .predict import CUDA_MARGIN, GiB, PlannedStep, Prediction, usable_bytes
+from .predict import CUDA_MARGIN, GiB, Gpu, PlannedStep, Prediction, usable_bytes
 
 # What fake tensors refuse: an arch that needs one of these is measured on real CPU tensors.
 UNTRACEABLE = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException,
@@ -50,18 +50,20 @@ def relative_speed(micro_batch: int, checkpointing: bool) -> float:
 
 class Planner:
     """Predictions for one config and precision, one built step per checkpointing setting,
-    cached by (checkpointing, micro-batch). Falls back to real CPU tensors (with a warning)
-    when the arch cannot run on fake tensors."""
+    cached by (checkpointing, micro-batch). `card`: predicted on CUDA's rules for that card
+    (fake CUDA tensors, CUDA autocast); None: on the CPU's. Falls back to real CPU tensors
+    (with a warning) when the arch cannot run on fake tensors."""
 
-    def __init__(self, cfg: Config, precision: str):
-        self.cfg, self.precision = cfg, precision
+    def __init__(self, cfg: Config, precision: str, card: Gpu | None = None):
+        self.cfg, self.precision, self.card = cfg, precision, card
         self.steps: dict[bool, PlannedStep] = {}
         self.cache: dict[tuple[bool, int], Prediction] = {}
         self.fake = True
 
     def _step(self, checkpointing: bool) -> PlannedStep:
         if checkpointing not in self.steps:
-            self.steps[checkpointing] = PlannedStep(self.cfg, self.precision, checkpointing, fake=self.fake)
+            self.steps[checkpointing] = PlannedStep(self.cfg, self.precision, checkpointing, fake=self.fake,
+                                                    card=self.card)
         return self.steps[checkpointing]
 
     def predict(self, checkpointing: bool, micro_batch: int) -> Prediction:

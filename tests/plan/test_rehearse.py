@@ -72,3 +72,21 @@ def test_cli_json_and_one_line_for_a_bad_card(capsys):
     assert {"sync_sites", "cuda_ops_per_step", "peak_bytes", "stand_ins"} <= set(out)
     assert main(["rehearse", "recipes/demo.yaml", "--gpu", "v100"]) == 2
     assert "known GPUs" in capsys.readouterr().err
+
+
+def test_a_cpu_tensor_in_the_backward_fails_with_the_line_that_started_the_backward(monkeypatch):
+    class HostGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, loss):
+            return loss.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return (grad * torch.ones(1)).sum()  # a CPU tensor meets a CUDA one, in the backward only
+
+    def info_nce_with_a_host_backward(*args):
+        return HostGradient.apply(moco_module.info_nce(*args))
+
+    monkeypatch.setattr(step_module, "info_nce", info_nce_with_a_host_backward)
+    with pytest.raises(RehearsalError, match=r"lowmem_moco/engine/step\.py:\d+: a CUDA tensor met a CPU tensor"):
+        rehearse(load_config(None, TINY), gpu("t4"), steps=1)
