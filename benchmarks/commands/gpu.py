@@ -7,7 +7,9 @@
        at micro-batches 32, 128, 256, fp16, checkpointing off and on, the GPU capped at 16 GiB;
        the error of each cell, and what the margin (plan.CUDA_MARGIN) must cover: reserved
        memory over the prediction, and the CUDA context
-    3. the MoCo step's images/s over timm's supervised step's, same backbone and micro-batch
+    3. the MoCo step's images/s over timm's supervised step's, same backbone and micro-batch; its
+       host-device syncs per optimizer step, measured with torch's sync debug mode beside the
+       rehearsal's count (lowmem-moco rehearse)
     4. the batched GPU input pipeline's two-view images/s at 224 px
     5. 2 epochs of recipes/cifar10_resnet18.yaml: s/epoch and kNN top-1
     6. lightly's MoCo v2 step beside ours (commands/peers.py; skipped, with a line, without lightly)
@@ -41,6 +43,8 @@ from ..harness.inputs import measure_section
 from ..harness.machine import environment
 from ..harness.measure import time_together
 from ..harness.results import REPO_ROOT, RESULTS, command_line, dated, markdown_table, write_results
+from ..harness.syncs import closest_card, markdown_lines as sync_lines, not_measured as syncs_not_measured
+from ..harness.syncs import rehearsed as rehearsed_syncs
 from . import peers
 CAP_GIB = 16
 FULL = dict(plan_recipe="recipes/imagenet_resnet50_mocov2.yaml", plan_overrides=[], micro_batches=(32, 128, 256),
@@ -114,15 +118,23 @@ def planner_vs_measured(s: dict, device: torch.device, log) -> list[dict]:
 
 
 def speed(s: dict, device: str) -> dict:
+    """Images/s of both steps; the MoCo step's host-device syncs per optimizer step, measured
+    (a GPU only) beside the rehearsal's count for it (harness/syncs.py)."""
     v = s["speed"]
     precision = "no" if device == "cpu" else "fp16"
     moco = Cell("lowmem", v["arch"], v["image_size"], v["micro_batch"], v["batch"], precision, False,
                 v["key_chunks"], device == "cuda", v["queue_size"])
     supervised = Cell("supervised", v["arch"], v["image_size"], v["micro_batch"], 0, precision,
                       channels_last=device == "cuda")
-    a, b = time_together([moco, supervised], device, warmup=1, repeats=3, threads=1 if device == "cpu" else None)
+    a, b = time_together([moco, supervised], device, warmup=1, repeats=3, threads=1 if device == "cpu" else None,
+                         syncs=True)
     ratio = a["images_per_s"] / b["images_per_s"] if a.get("images_per_s") and b.get("images_per_s") else None
-    return dict(moco=a, supervised=b, moco_over_supervised=ratio, cell=moco.label)
+    syncs = dict(measured=a.pop("syncs", None) or syncs_not_measured(a.get("error", "no GPU")),
+                 rehearsed=rehearsed_syncs(moco, closest_card(device)))
+    m = syncs["measured"]
+    print(f"  host-device syncs per optimizer step of the MoCo step: measured {m['count']} "
+          f"({m['reason'] or 'torch.cuda.set_sync_debug_mode'}), rehearsed {syncs['rehearsed']['count']}")
+    return dict(moco=a, supervised=b, moco_over_supervised=ratio, cell=moco.label, syncs=syncs)
 
 
 def cifar_run(s: dict, tarball: Path, work: Path) -> dict:
@@ -163,10 +175,11 @@ def _planner_lines(r: dict) -> list[str]:
 
 def _speed_lines(r: dict) -> list[str]:
     sp = r["speed"]
+    syncs = ["", *sync_lines(sp["syncs"], sp["cell"])] if sp.get("syncs") else []
     if not sp.get("moco_over_supervised"):
-        return [f"MoCo step vs timm's supervised step ({sp.get('cell')}): not measured"]
+        return [f"MoCo step vs timm's supervised step ({sp.get('cell')}): not measured", *syncs]
     return [f"MoCo step vs timm's supervised step ({sp['cell']}): {sp['moco']['images_per_s']:.1f} vs "
-            f"{sp['supervised']['images_per_s']:.1f} images/s, ratio {sp['moco_over_supervised']:.2f}"]
+            f"{sp['supervised']['images_per_s']:.1f} images/s, ratio {sp['moco_over_supervised']:.2f}", *syncs]
 
 
 def _pipeline_lines(r: dict) -> list[str]:

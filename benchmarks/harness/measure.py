@@ -30,6 +30,7 @@ from lowmem_moco.plan.memtrack import peak_by_category, step_tracker
 
 from .cells import Cell, build
 from .results import REPO_ROOT
+from .syncs import count_syncs
 
 MB = 2**20
 RESULT_MARK = "BENCHMARK-CELL-RESULT "
@@ -106,9 +107,10 @@ def interleaved_timings(batches: list[int], works: list, device: torch.device, w
 
 
 def measure(memory: Cell | None, timed: list[Cell], device: torch.device, warmup: int = 1, repeats: int = 3,
-            breakdown: bool = True, memory_cap_gb: float | None = None) -> dict:
+            breakdown: bool = True, memory_cap_gb: float | None = None, syncs: bool = False) -> dict:
     """Peak memory of one step of `memory` (first, while the process is fresh), then the
-    interleaved timings of the `timed` cells. Returns {"memory": {...}, "time": [{...}]}."""
+    interleaved timings of the `timed` cells, and with `syncs` each timed cell's host-device
+    syncs in one more step (harness/syncs.py). Returns {"memory": {...}, "time": [{...}]}."""
     if device.type == "cuda" and memory_cap_gb:
         # Behave like a card of that size: allocations past it raise OutOfMemoryError.
         total = torch.cuda.get_device_properties(device).total_memory
@@ -132,6 +134,9 @@ def measure(memory: Cell | None, timed: list[Cell], device: torch.device, warmup
             if cell != memory:
                 work.step()
         out["time"] = interleaved_timings([c.batch for c in timed], works, device, warmup, repeats)
+        if syncs:  # after the timed steps: warm, and the debug mode's warnings slow no timed step
+            for timing, work in zip(out["time"], works):
+                timing["syncs"] = count_syncs(work.step, device)
     out["threads"] = torch.get_num_threads()
     return out
 
@@ -145,7 +150,8 @@ def cell_main(argv: list[str]) -> int:
     timed = [Cell.from_dict(c) for c in spec.get("time", [])]
     try:
         result = measure(memory, timed, torch.device(spec.get("device", "cpu")), spec.get("warmup", 1),
-                         spec.get("repeats", 3), spec.get("breakdown", True), spec.get("memory_cap_gb"))
+                         spec.get("repeats", 3), spec.get("breakdown", True), spec.get("memory_cap_gb"),
+                         spec.get("syncs", False))
     except torch.OutOfMemoryError as err:
         result = {"oom": True, "error": f"out of memory: {str(err).splitlines()[0]}"}
     except RuntimeError as err:  # the CPU allocator's out-of-memory is a plain RuntimeError
@@ -193,9 +199,11 @@ def run_cell(cell: Cell, device: str = "cpu", warmup: int = 1, repeats: int = 3,
 
 
 def time_together(cells: list[Cell], device: str = "cpu", warmup: int = 1, repeats: int = 3,
-                  threads: int | None = None, timeout_s: float = 3600) -> list[dict]:
-    """Throughput of several cells measured in one fresh process, their steps interleaved."""
-    spec = dict(memory=None, time=[c.to_dict() for c in cells], device=device, warmup=warmup, repeats=repeats)
+                  threads: int | None = None, timeout_s: float = 3600, syncs: bool = False) -> list[dict]:
+    """Throughput of several cells measured in one fresh process, their steps interleaved; with
+    `syncs`, each cell's host-device syncs per step besides ("syncs", harness/syncs.py)."""
+    spec = dict(memory=None, time=[c.to_dict() for c in cells], device=device, warmup=warmup, repeats=repeats,
+                syncs=syncs)
     r = _run_child(spec, threads, timeout_s)
     if r.get("error"):
         return [{"error": r["error"]} for _ in cells]

@@ -27,12 +27,19 @@ def test_gpu_command_smoke_writes_every_section(tmp_path):
     assert all(abs(c["error"]) < 0.05 for c in r["planner"])  # planner vs real CPU tensors
     sp = r["speed"]
     assert sp["moco_over_supervised"] == pytest.approx(sp["moco"]["images_per_s"] / sp["supervised"]["images_per_s"])
+    # syncs per optimizer step: not measured without a GPU; rehearsed (fp16 on a T4: the loss read, the scaler's check)
+    assert sp["syncs"]["measured"] == {"count": None, "reason": "no GPU", "sites": []}
+    rehearsed = sp["syncs"]["rehearsed"]
+    assert rehearsed["gpu"] == "t4" and rehearsed["precision"] == "fp16"
+    assert isinstance(rehearsed["count"], int) and 1 <= rehearsed["count"] <= 2 and rehearsed["sites"]
     # every CPU path of the pipeline section measured, on the smoke's CIFAR-10 JPEGs (64 asked: 7 a class)
     assert {"per_image", "batched_cpu", "batched_cpu_workers"} <= r["pipeline"].keys()
     assert r["pipeline"]["images"] == 70 and r["pipeline"]["batches"] == 2
     assert r["cifar"]["epochs"] == 1 and r["cifar"]["knn_top1"][0] is not None
     md = result.with_suffix(".md").read_text()
     assert "FAILED" not in md and f"kNN top-1 {r['cifar']['knn_top1']}" in md
+    assert "| measured on this GPU" in md and "| not measured (no GPU) |" in md
+    assert f"| rehearsed, predicted (lowmem-moco rehearse on fake CUDA as a t4, fp16) | {rehearsed['count']} |" in md
     assert all(f"| {mb} | {'on' if ckpt else 'off'} |" in md for mb in (4, 8) for ckpt in (False, True))
     # lightly's step beside ours: its own results files, or a skip naming the extra
     assert r["peers"].get("skipped") or [Path(f).name[:10] for f in r["peers"]["files"]] == ["peers-cpu-"] * 2
