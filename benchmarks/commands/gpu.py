@@ -3,8 +3,8 @@
     python -m benchmarks gpu [--smoke] [--out FOLDER] [--tarball PATH]
 
     1. the CUDA-only tests (pytest -k cuda)
-    2. the planner against torch.cuda.max_memory_allocated for recipes/imagenet_resnet50_mocov2.yaml
-       at micro-batches 32, 128, 256, fp16, checkpointing off and on, the GPU capped at 16 GiB;
+    2. the planner (on CUDA's rules for this card) against torch.cuda.max_memory_allocated for
+       recipes/imagenet_resnet50_mocov2.yaml at micro-batches 32, 128, 256, fp16, checkpointing off and on, the GPU capped at 16 GiB;
        the error of each cell, and what the margin (plan.CUDA_MARGIN) must cover: reserved
        memory over the prediction, and the CUDA context
     3. the MoCo step's images/s over timm's supervised step's, same backbone and micro-batch; its
@@ -43,7 +43,7 @@ from ..harness.inputs import measure_section
 from ..harness.machine import environment
 from ..harness.measure import time_together
 from ..harness.results import REPO_ROOT, RESULTS, command_line, dated, markdown_table, write_results
-from ..harness.syncs import closest_card, markdown_lines as sync_lines, not_measured as syncs_not_measured
+from ..harness.syncs import card_for, markdown_lines as sync_lines, not_measured as syncs_not_measured
 from ..harness.syncs import rehearsed as rehearsed_syncs
 from . import peers
 CAP_GIB = 16
@@ -97,7 +97,8 @@ def planner_vs_measured(s: dict, device: torch.device, log) -> list[dict]:
     cells = []
     for ckpt in (False, True):
         cfg = load_config(s["plan_recipe"], s["plan_overrides"] + [f"train.grad_checkpointing={ckpt}"])
-        planned_step = PlannedStep(cfg, s["precision"], ckpt)
+        # On a GPU the planner's own rules (CUDA's, for this card); on a CPU the CPU's, as measured there.
+        planned_step = PlannedStep(cfg, s["precision"], ckpt, card=card_for("cuda") if device.type == "cuda" else None)
         real_cpu_step = PlannedStep(cfg, s["precision"], ckpt, fake=False) if device.type == "cpu" else None
         for mb in s["micro_batches"]:
             planned = planned_step.predict(mb)
@@ -130,7 +131,7 @@ def speed(s: dict, device: str) -> dict:
                          syncs=True)
     ratio = a["images_per_s"] / b["images_per_s"] if a.get("images_per_s") and b.get("images_per_s") else None
     syncs = dict(measured=a.pop("syncs", None) or syncs_not_measured(a.get("error", "no GPU")),
-                 rehearsed=rehearsed_syncs(moco, closest_card(device)))
+                 rehearsed=rehearsed_syncs(moco, card_for(device)))
     m = syncs["measured"]
     print(f"  host-device syncs per optimizer step of the MoCo step: measured {m['count']} "
           f"({m['reason'] or 'torch.cuda.set_sync_debug_mode'}), rehearsed {syncs['rehearsed']['count']}")

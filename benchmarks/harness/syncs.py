@@ -111,43 +111,27 @@ def count_syncs(step: Callable[[], object], device: torch.device) -> dict:
     return summarise(messages, stacks)
 
 
-def closest_card(device: str) -> str:
-    """The planner's card for this machine's GPU; without one (--smoke) the T4, the card the
-    recipes are planned for."""
-    if device != "cuda":
-        return "t4"
-    return card_like(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory / 2**30)
-
-
-def card_like(name: str, memory_gib: float) -> str:
-    """The planner's card (lowmem_moco/plan/predict.py GPUS) nearest to a real one: by name, else
-    by memory."""
-    from lowmem_moco.plan.predict import GPUS
-
-    low = name.lower()
-    if "h100" in low or "h200" in low:
-        return "h100"
-    if "a100" in low:
-        return "a100-80" if memory_gib > 50 else "a100-40"
-    for card in ("t4", "l4"):
-        if card in low.replace("-", " ").split():
-            return card
-    return min(GPUS.values(), key=lambda g: abs(g.capacity_gib - memory_gib)).name
-
-
-def rehearsed(cell: Cell, card: str) -> dict:
-    """`lowmem-moco rehearse`'s syncs per step for the GPU version of `cell` (fp16, channels-last,
-    as the speed section runs it on a GPU), 2 steps on fake CUDA as `card`. A step the rehearsal
-    cannot run is recorded (its message names the site), not raised: the timings stand without it."""
+def card_for(device: str):
+    """The card to rehearse as: this machine's GPU as the planner sees it (plan/device.py); without
+    one (--smoke) the T4, the card the recipes are planned for."""
+    from lowmem_moco.plan.device import detect_gpu
     from lowmem_moco.plan.predict import gpu
+
+    return detect_gpu()[0] if device == "cuda" else gpu("t4")
+
+
+def rehearsed(cell: Cell, card) -> dict:
+    """`lowmem-moco rehearse`'s syncs per step for the GPU version of `cell` (fp16, channels-last,
+    as the speed section runs it on a GPU), 2 steps on fake CUDA as `card` (a plan.predict.Gpu). A step the rehearsal
+    cannot run is recorded (its message names the site), not raised: the timings stand without it."""
     from lowmem_moco.plan.rehearse import RehearsalError, rehearse
 
     cfg = cell_config(replace(cell, precision="fp16", channels_last=True))
     cfg.train.precision = "fp16"  # cell_config leaves precision to the step's Accelerator
     try:
-        r = rehearse(cfg, gpu(card), steps=2)
+        r = rehearse(cfg, card, steps=2)
     except RehearsalError as err:
-        return dict(not_measured(f"rehearsal failed: {err}"), gpu=card)
+        return dict(not_measured(f"rehearsal failed: {err}"), gpu=card.name)
     return dict(count=r.syncs_per_step, reason=None, sites=r.sync_sites, syncs=r.syncs, gpu=r.gpu,
                 precision=r.precision, seconds=round(r.seconds, 1))
 

@@ -75,14 +75,6 @@ def test_a_warning_raised_inside_torch_is_put_on_our_line_that_called_it():
     assert site["warned_at"].startswith("torch/optim/optimizer.py:") and site["count"] == 2
 
 
-@pytest.mark.parametrize("name, gib, card", [("NVIDIA H100 80GB HBM3", 79.2, "h100"), ("NVIDIA H200", 139.8, "h100"),
-                                             ("NVIDIA A100-SXM4-40GB", 39.4, "a100-40"),
-                                             ("NVIDIA A100 80GB PCIe", 79.1, "a100-80"), ("Tesla T4", 14.6, "t4"),
-                                             ("NVIDIA L4", 22.0, "l4"), ("NVIDIA L40S", 44.4, "a100-40")])
-def test_the_rehearsal_runs_as_the_planners_card_nearest_the_real_one(name, gib, card):
-    assert syncs.card_like(name, gib) == card
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_sync_debug_mode_counts_a_host_read_and_is_reset_after_a_failed_step():
     x = torch.ones(1024, device="cuda")  # 1024
