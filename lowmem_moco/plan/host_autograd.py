@@ -55,7 +55,9 @@ class HostAutograd:
         self._task_id = -1  # the engine's answer outside a backward
         self._unpacked: list[_Saved] = []  # saved tensors the running node read
         self._saved: list[_Saved] = []  # every holder, emptied on exit (a graph never backwarded)
-        self._hooks: dict = {}  # node -> {input_nr: the tensor's hook dict}: hooks on non-leaf tensors
+        # node -> {input_nr: the tensor's hook dict}, for hooks on non-leaf tensors (nodes take no weak
+        # references: an entry lives until its node runs, or until exit for a graph never backwarded)
+        self._hooks: dict = {}
         self._callbacks: list | None = None  # queue_callback's, run when the running backward ends
         self._nodes: set | None = None  # the nodes the running backward reaches
 

@@ -1,6 +1,6 @@
 """Predicted peak GPU memory of a recipe's training step, on any machine.
 
-    step = PlannedStep(cfg, precision="fp16", checkpointing=True)
+    step = PlannedStep(cfg, precision="fp16", checkpointing=True, card=gpu("t4"))
     prediction = step.predict(micro_batch=128)  # Prediction(peak_bytes=..., by_category={...})
 
 The step is the trainer's own: the model from `factory.build_model`, the optimizer
@@ -11,15 +11,17 @@ the CPU (timm's constructors read values), then its parameters, buffers and opti
 are swapped for fake tensors (torch's FakeTensorMode): every operator runs on shapes only,
 and torch's MemTracker (lowmem_moco/plan/memtrack.py) counts the storages it creates and frees.
 
-As on a GPU, the optimizer uses PyTorch's foreach implementation (SGD with weight decay then
-holds a temporary copy of the gradients), the views are in the pipeline's dtype, and
-autocast is applied here since accelerate turns fp16 off on a CPU. Loss scaling (fp16) works
-on scalars and in place: nothing to plan.
+With a card, on CUDA's rules (what `lowmem-moco plan --gpu` uses): the tensors are fake CUDA
+tensors under CUDA autocast, fp16 with the GradScaler on a card without bf16, the backward run
+node by node and the card's attention kernel (plan/fake_cuda.py, the rehearsal's machinery).
+Without one, on the CPU's rules: fake CPU tensors and CPU autocast, which plan-check compares
+with real CPU peaks. As on a GPU, the optimizer uses PyTorch's foreach implementation (SGD
+with weight decay then holds a temporary copy of the gradients) and the views are in the
+pipeline's dtype.
 
-What a fake CPU step does not see of a CUDA step: the CUDA context, cuDNN workspaces, the
-caching allocator's rounding and fragmentation, and ops whose CUDA autocast dtype differs
-from the CPU one. `CUDA_MARGIN` covers them; it is provisional until `python -m benchmarks gpu`
-measures it on a GPU.
+What fake tensors do not see of a CUDA step: the CUDA context, cuDNN workspaces and the
+caching allocator's rounding and fragmentation. `CUDA_MARGIN` covers them; it is provisional
+until `python -m benchmarks gpu` measures it on a GPU.
 """
 
 from __future__ import annotations

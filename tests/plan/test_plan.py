@@ -103,3 +103,20 @@ def test_config_accepts_auto_micro_batch_and_nothing_else_as_a_word():
     assert load_config(None, ["train.micro_batch_size=auto"]).train.micro_batch_size == "auto"
     with pytest.raises(ConfigError, match="train.micro_batch_size must be an integer, null or auto"):
         load_config(None, ["train.micro_batch_size=big"])
+
+
+def test_auto_on_a_gpu_plans_on_cuda_rules_for_that_card(monkeypatch):
+    import torch
+
+    from lowmem_moco.plan import auto_batch
+
+    cfg = tiny("train.micro_batch_size=auto")
+    cards = []
+    real_planner = auto_batch.Planner
+    monkeypatch.setattr(auto_batch, "Planner", lambda *args: cards.append(args[2]) or real_planner(*args))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 * GiB, 16 * GiB))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 5))
+    chosen, how = auto_batch.choose_micro_batch(cfg, torch.device("cuda"), "fp16")
+    assert chosen == 16 and how.startswith("planner:") and "Tesla T4" in how  # the whole batch fits 4 GiB
+    assert cards[0].capability == (7, 5)  # fake CUDA as that card: fp16 with loss scaling, its kernels
