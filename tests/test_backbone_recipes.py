@@ -3,7 +3,7 @@ one of the common families, builds and takes one real MoCo training step.
 
 Recipes come from the recipes/ folder as it is; model sections that are equal once model.arch
 is set are run once (the test id names every recipe sharing it). Images are 32 px and batches
-4, so the matrix stays cheap.
+4, so the matrix stays cheap; the default run takes a cover of it (see matrix), -m slow the rest.
 """
 
 import dataclasses
@@ -35,8 +35,15 @@ def matrix() -> list:
             cfg = load_config(recipe, [f"model.arch={arch}", *TINY_STEP])
             section = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True)
             cases.setdefault(section, (arch, []))[1].append(recipe)
-    return [pytest.param(recipes[0], arch, id=f"{'+'.join(r.stem for r in recipes)}-{arch}")
-            for arch, recipes in cases.values()]
+    params, families = [], set()
+    for arch, recipes in cases.values():
+        # The default run: every recipe's model section with the first family, and every family
+        # once (on its first recipes); the rest of the matrix (about 15 s) runs with -m slow.
+        default = arch == ARCHS[0] or arch not in families
+        families.add(arch)
+        params.append(pytest.param(recipes[0], arch, id=f"{'+'.join(r.stem for r in recipes)}-{arch}",
+                                   marks=[] if default else [pytest.mark.slow]))
+    return params
 
 
 @pytest.mark.parametrize("recipe,arch", matrix())

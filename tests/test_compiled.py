@@ -128,6 +128,7 @@ def test_train_compile_is_a_checked_boolean():
         load_config(None, ["train.compile=sometimes"])
 
 
+@pytest.mark.slow  # three short training runs: 4 s; test_compiled_steps_... checks the keys quickly
 def test_a_compiled_run_resumes_eagerly_from_the_same_checkpoint_keys(tmp_path, aot_eager, one_cpu_thread):
     run = [*TINY, "data.source=synthetic", "data.synthetic_size=64", "data.num_workers=0", "train.epochs=1",
            "train.checkpoint_every=2", "train.log_every=1", "eval.knn_every=0"]

@@ -61,6 +61,7 @@ def test_training_at_512_px_runs_from_photo_jpegs(photos, tmp_path):
     assert (tmp_path / "run8" / "backbone.safetensors").is_file()
 
 
+@pytest.mark.slow  # two real 512 px steps, one of a batch of 32, and a planner run: 15 s
 def test_step_peak_follows_the_micro_batch_not_the_batch(photos, tmp_path):
     view_bytes = 3 * SIZE * SIZE * 4  # one fp32 view of one image
     # Micro-batches of 2 and key chunks of 2 images, in a batch of 8 and in one of 32.

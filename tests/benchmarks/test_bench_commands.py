@@ -71,6 +71,7 @@ def test_input_paths_time_the_pipeline_and_the_stores_it_opens(cifar_folder, tmp
     assert r["encoded_cache"]["bytes_per_image"] < r["decoded_cache"]["bytes_per_image"]  # JPEG bytes
 
 
+@pytest.mark.slow  # 8 s; tests/plan/test_plan.py checks the same prediction against real CPU tensors
 @pytest.mark.usefixtures("one_cpu_thread")
 def test_plan_check_smoke_runs_and_writes_nothing(tmp_path):
     assert dispatch(["plan-check", "--smoke", "--out", str(tmp_path)]) == 0

@@ -26,6 +26,7 @@ TINY = dict(arch="test_resnet", image_size=32, queue_size=64, key_chunks=2)
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny models: threads only wait for each other
 
 
+@pytest.mark.slow  # a process per cell: 10 s; test_interleaved_timing_... measures cells in this process
 def test_suite_on_a_tiny_grid_writes_every_report(tmp_path):
     cells = [Cell("naive", micro_batch=4, **TINY), Cell("lowmem", micro_batch=4, batch=8, checkpointing=True, **TINY)]
     data_input = dict(image_size=32, batch=16, n_batches=2, num_workers=0)

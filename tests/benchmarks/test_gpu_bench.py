@@ -13,6 +13,7 @@ from benchmarks.commands import gpu
 from benchmarks.harness.images import CIFAR10_TARBALL
 
 
+@pytest.mark.slow  # every section for real (a pytest run, a training run, lightly): 25 s; the stand-ins below are quick
 def test_gpu_command_smoke_writes_every_section(tmp_path):
     if not CIFAR10_TARBALL.is_file():
         pytest.skip(f"CIFAR-10 JPEG tarball not found at {CIFAR10_TARBALL}")

@@ -13,15 +13,32 @@ import sys
 import pytest
 import torch
 
-from benchmarks.commands.peers import INSTALL, ROWS, PeerCell, main, measure_cell, markdown
+from benchmarks.commands.peers import INSTALL, ROWS, PeerCell, main, markdown
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny models: threads only wait for each other
 TINY = PeerCell("test_resnet", 32, 8, 64, small_image_stem=True)
 
 
-def test_tiny_cell_has_every_row_and_both_steps_start_alike():
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """`peers --quick` on the tiny cell alone, run once: what it wrote and its exit status. Both
+    tests below read this one run (each cell's two steps take seconds even at this size)."""
     pytest.importorskip("lightly", reason=INSTALL)
-    c = measure_cell(TINY, torch.device("cpu"), warmup=0, repeats=1)
+    out = tmp_path_factory.mktemp("peers")
+    threads = torch.get_num_threads()  # --quick sets one thread for the whole process
+    try:
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr("benchmarks.commands.peers.cells_for", lambda device, quick, precision: [TINY])
+            status = main(["--quick", "--repeats", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    [saved] = out.glob("peers-cpu-*.json")
+    return status, saved
+
+
+def test_tiny_cell_has_every_row_and_both_steps_start_alike(quick_run):
+    _, saved = quick_run
+    [c] = json.loads(saved.read_text())["cells"]  # measure_cell(TINY, cpu, warmup=0, repeats=1), as written
     assert list(c["rows"]) == list(ROWS)
     for name, row in c["rows"].items():
         assert math.isfinite(row["loss"]), name
@@ -39,11 +56,9 @@ def test_tiny_cell_has_every_row_and_both_steps_start_alike():
     assert TINY.label in markdown(dict(command="x", environment=env, repeats=1, warmup=0, cells=[c]))
 
 
-def test_command_writes_its_results(tmp_path, monkeypatch):
-    pytest.importorskip("lightly", reason=INSTALL)
-    monkeypatch.setattr("benchmarks.commands.peers.cells_for", lambda device, quick, precision: [TINY])
-    assert main(["--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
-    [saved] = tmp_path.glob("peers-cpu-*.json")
+def test_command_writes_its_results(quick_run):
+    status, saved = quick_run
+    assert status == 0
     r = json.loads(saved.read_text())
     assert r["environment"]["lightly"] and r["environment"]["cpu"] and r["environment"]["threads"] == 1
     assert r["command"].startswith("python -m benchmarks peers --quick")
