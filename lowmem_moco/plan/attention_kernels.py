@@ -42,12 +42,11 @@ def attention_on(capability: tuple[int, int], used: set):
     math_kernel = F.scaled_dot_product_attention
 
     def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if query.device.type != "cuda":
-            return math_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-        if torch.is_autocast_enabled("cuda"):  # autocast casts attention's inputs to its dtype, as for the real op
+        on_cuda = query.device.type == "cuda"
+        if on_cuda and torch.is_autocast_enabled("cuda"):  # autocast casts attention's inputs, as for the real op
             dtype = torch.get_autocast_dtype("cuda")
             query, key, value = (t.to(dtype) for t in (query, key, value))
-        kernel = kernel_for(capability, query, attn_mask, enable_gqa)
+        kernel = kernel_for(capability, query, attn_mask, enable_gqa) if on_cuda else "math"
         if kernel == "math":
             return math_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         used.add("attention kernel")

@@ -143,8 +143,7 @@ class HostAutograd:
             inputs = buffers.pop(node)
             # The engine's AccumulateGrad steals a gradient nothing else holds; a call from Python
             # always holds one more reference, so it is done here, as the engine would.
-            shared = any(id(g) in given or any(g is s for slots in buffers.values() for s in slots)
-                         for g in inputs if g is not None)
+            shared = hasattr(node, "variable") and _held_elsewhere(inputs[0], buffers, given)
             outputs = self._call(node, inputs, retain, shared)
             for i, (next_node, input_nr) in enumerate(node.next_functions):
                 if next_node is None:
@@ -220,6 +219,11 @@ def _accumulate(buffers: dict, node, input_nr: int, grad: torch.Tensor) -> None:
     """Out of place, as torch's engine sums gradients of fake tensors (a tensor subclass)."""
     slots = buffers.setdefault(node, [None] * len(node._input_metadata))
     slots[input_nr] = grad if slots[input_nr] is None else slots[input_nr] + grad
+
+
+def _held_elsewhere(grad: torch.Tensor | None, buffers: dict, given: set) -> bool:
+    """Whether a leaf's gradient is also the caller's or waits in another node's inputs."""
+    return grad is not None and (id(grad) in given or any(grad is g for slots in buffers.values() for g in slots))
 
 
 def _accumulate_grad(leaf: torch.Tensor, grad: torch.Tensor | None, steal: bool) -> None:
